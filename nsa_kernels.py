@@ -101,8 +101,9 @@ def compressed_probs_ref(q, k_cmp, block_len, block_stride, scale, q_start=0):
     B, Tq, HQ, D = q.shape
     H, Tc = k_cmp.shape[2], k_cmp.shape[1]
     G = HQ // H
-    qh = q.transpose(1, 2).float()                                          # [B, HQ, Tq, D]
-    kh = k_cmp.transpose(1, 2).float().repeat_interleave(G, dim=1)          # [B, HQ, Tc, D]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qh = q.transpose(1, 2).to(dtype)                                        # [B, HQ, Tq, D]
+    kh = k_cmp.transpose(1, 2).to(dtype).repeat_interleave(G, dim=1)        # [B, HQ, Tc, D]
     s = (qh @ kh.transpose(-1, -2)) * scale                                 # [B, HQ, Tq, Tc]
     t = torch.arange(q_start, q_start + Tq, device=q.device)[:, None]
     visible = torch.arange(Tc, device=q.device)[None, :] * block_stride + block_len <= t + 1
