@@ -24,8 +24,11 @@ Semantics for the query at 0-indexed position t:
  5. window branch: softmax over the tokens t - w < s <= t.
 """
 import math
+import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def num_compressed_blocks(T, block_len, block_stride):
@@ -174,6 +177,727 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32, b
                   select_block=64, n_select=16, window=512, scale=None):
     """NSA forward with autograd. Same arguments, shapes and semantics as nsa_attention_ref:
     q: [B, T, HQ, D], k, v: [B, T, H, D], k_cmp, v_cmp: [B, Tc, H, D], g_*: [B, T, HQ]."""
+    if _use_triton(q):
+        return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
+                                  block_stride, select_block, n_select, window, scale)
     return nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len=block_len,
                              block_stride=block_stride, select_block=select_block,
                              n_select=n_select, window=window, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (training: forward and backward of every branch, top-n selection in-kernel).
+#
+# Layout: q, o: [B, T, HQ, D] and k, v: [B, T, H, D] (k_cmp, v_cmp: [B, Tc, H, D]), contiguous.
+# The G = HQ // H query heads of KV head h are the contiguous heads h*G .. h*G + G - 1, so a tile
+# of "rows" is a set of (position t, head g) pairs that share one KV head: every key/value tile
+# is loaded once for all G heads (the group-centric loading of the paper's §3.4).
+# Logits are kept in the base-2 domain (s2 = q.k * scale * log2(e)); every saved log-sum-exp
+# `lse` is log2(sum 2^s2) and is +inf for a row that sees no key (its output is 0).
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+_NO_WINDOW = 1 << 30        # "window" of the compressed branch: every earlier block is visible
+
+
+def _use_triton(q):
+    return q.is_cuda or (_INTERPRET and q.device.type == "cpu")
+
+
+def _num_warps(rows, D):
+    return 1 if _INTERPRET else (8 if rows * D >= 128 * 128 else 4)
+
+
+@triton.jit
+def _dense_fwd_kernel(q, k, v, o, lse, T, TK, G, BT, HQ, H, scale_log2, KSTRIDE, KOFF, WINDOW,
+                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Causal attention of BT positions x G heads (BM rows) over keys i whose position
+    KOFF + i*KSTRIDE lies in (t - WINDOW, t]. Compressed branch: KSTRIDE=d, KOFF=l-1 (block i
+    ends at i*d + l - 1); window branch: KSTRIDE=1, KOFF=0."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, BM)
+    t = i_t * BT + o_r // G                                                   # [BM]
+    m_r = (o_r < BT * G) & (t < T)
+    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)            # [BM] row ids
+    o_d = tl.arange(0, D)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)  # [BM, D]
+
+    t_lo = i_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    # keys visible to some row of the tile; division is C-style, so keep numerators >= 0
+    i_start = tl.maximum(t_lo - WINDOW - KOFF + KSTRIDE, 0) // KSTRIDE
+    i_end = tl.minimum(tl.maximum(t_hi - KOFF + KSTRIDE, 0) // KSTRIDE, TK)
+
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, D], tl.float32)
+    for i0 in range(i_start, i_end, BN):
+        o_i = i0 + tl.arange(0, BN)                                           # [BN]
+        m_k = o_i < i_end
+        p_key = (i_b * TK + o_i).to(tl.int64) * H + i_h
+        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
+        pos = KOFF + o_i * KSTRIDE
+        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - WINDOW)
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    b_l_safe = tl.where(b_l > 0, b_l, 1.)
+    tl.store(o + p_row[:, None] * D + o_d[None, :], (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty),
+             mask=m_r[:, None])
+    tl.store(lse + p_row, tl.where(b_l > 0, b_m + tl.log2(b_l_safe), float("inf")), mask=m_r)
+
+
+@triton.jit
+def _dense_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale_log2, scale,
+                         KSTRIDE, KOFF, WINDOW, ACCUM: tl.constexpr,
+                         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """dq of _dense_fwd_kernel's attention; same tiling. dq is fp32 and owned by this program's
+    rows (no atomics); ACCUM adds to what an earlier branch wrote there."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, BM)
+    t = i_t * BT + o_r // G
+    m_r = (o_r < BT * G) & (t < T)
+    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+    o_d = tl.arange(0, D)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))               # [BM]
+    b_delta = tl.load(delta + p_row, mask=m_r, other=0.)
+
+    t_lo = i_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    i_start = tl.maximum(t_lo - WINDOW - KOFF + KSTRIDE, 0) // KSTRIDE
+    i_end = tl.minimum(tl.maximum(t_hi - KOFF + KSTRIDE, 0) // KSTRIDE, TK)
+    b_dq = tl.zeros([BM, D], tl.float32)
+    for i0 in range(i_start, i_end, BN):
+        o_i = i0 + tl.arange(0, BN)
+        m_k = o_i < i_end
+        p_key = (i_b * TK + o_i).to(tl.int64) * H + i_h
+        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        pos = KOFF + o_i * KSTRIDE
+        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - WINDOW)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)              # [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    b_dq = b_dq * scale
+    p_dq = dq + p_row[:, None] * D + o_d[None, :]
+    if ACCUM:
+        b_dq += tl.load(p_dq, mask=m_r[:, None], other=0.)
+    tl.store(p_dq, b_dq, mask=m_r[:, None])
+
+
+@triton.jit
+def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale_log2,
+                           scale, KSTRIDE, KOFF, WINDOW, NSPLIT, ATOMIC: tl.constexpr,
+                           D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """dk, dv (fp32) of BN keys of one KV head: loop over the query tiles that can see them.
+    The query range is cut into NSPLIT slices (grid axis 2) whose partial sums meet by atomic
+    adds when NSPLIT > 1, so that the early compressed keys (seen by every later query) do
+    not serialise on one program."""
+    i_k, i_bh, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_i = i_k * BN + tl.arange(0, BN)
+    m_k = o_i < TK
+    o_d = tl.arange(0, D)
+    p_key = (i_b * TK + o_i).to(tl.int64) * H + i_h
+    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)  # [BN, D]
+    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+    pos = KOFF + o_i * KSTRIDE                                                # [BN]
+    t_beg = KOFF + i_k * BN * KSTRIDE
+    t_end = tl.minimum(KOFF + (tl.minimum(i_k * BN + BN, TK) - 1) * KSTRIDE + WINDOW, T)
+    n_tiles = tl.cdiv(tl.maximum(t_end - t_beg, 0), BT)
+    per = tl.cdiv(n_tiles, NSPLIT)
+    b_dk = tl.zeros([BN, D], tl.float32)
+    b_dv = tl.zeros([BN, D], tl.float32)
+    o_r = tl.arange(0, BM)
+    for i_tile in range(i_sp * per, tl.minimum(i_sp * per + per, n_tiles)):
+        t = t_beg + i_tile * BT + o_r // G
+        m_r = (o_r < BT * G) & (t < t_end)
+        p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+        b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+        b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+        b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))
+        b_delta = tl.load(delta + p_row, mask=m_r, other=0.)
+        m_s = (m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
+               & (pos[None, :] > t[:, None] - WINDOW))
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    p_out = p_key[:, None] * D + o_d[None, :]
+    if ATOMIC:
+        tl.atomic_add(dk + p_out, b_dk * scale, mask=m_k[:, None])
+        tl.atomic_add(dv + p_out, b_dv, mask=m_k[:, None])
+    else:
+        tl.store(dk + p_out, b_dk * scale, mask=m_k[:, None])
+        tl.store(dv + p_out, b_dv, mask=m_k[:, None])
+
+
+@triton.jit
+def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL,
+                   CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
+                   BJ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
+                   BC: tl.constexpr, K: tl.constexpr):
+    """Top-n selection blocks for BT positions x G heads of one KV head (BM = BT*BG rows, the G
+    heads padded to BG = next_pow2(G)). Recomputes p_cmp = 2^(s2 - lse) chunk by chunk over the
+    compressed blocks, maps it onto selection blocks with the overlap weights (a [BC, K] matrix
+    that is the same for every chunk, since chunks start on selection-block boundaries), sums
+    the G heads, and merges the chunk's candidates into a running top-K kept sorted in
+    registers. A candidate is one int64: the fp32 score's bits (non-negative, so they order like
+    the score) above the block index; ineligible blocks are -1. Only [B, T, H, n] indices leave
+    the kernel."""
+    BT: tl.constexpr = BM // BG
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, BM)
+    o_g = o_r % BG
+    t = i_t * BT + o_r // BG                                                  # [BM]
+    m_r = (o_g < G) & (t < T)
+    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_g)
+    o_d = tl.arange(0, D)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))
+
+    # overlap weights: chunk column c is compressed block j0*R - M1 + c, column jj is selection
+    # block j0 + jj (R = l'/d compressed strides per selection block, M1 = l/d - 1 blocks
+    # reaching back into the previous selection block)
+    R: tl.constexpr = SBLK // CSTRIDE
+    M1: tl.constexpr = CBLK // CSTRIDE - 1
+    o_c = tl.arange(0, BC)
+    o_j = tl.arange(0, K)
+    c_start = (o_c - M1) * CSTRIDE                                            # [BC]
+    j_start = o_j * SBLK                                                      # [K]
+    b_w = (tl.minimum(c_start[:, None] + CBLK, j_start[None, :] + SBLK)
+           - tl.maximum(c_start[:, None], j_start[None, :]))
+    b_w = tl.where(o_j[None, :] < BJ, tl.maximum(b_w, 0).to(tl.float32) / CSTRIDE, 0.)  # [BC, K]
+
+    o_tt = i_t * BT + tl.arange(0, BT)                                        # [BT] positions
+    cur = o_tt // SBLK
+    t_hi = tl.minimum(i_t * BT + BT, T) - 1
+    b_top = tl.full([BT, K], -1, tl.int64)                                    # sorted descending
+    for j0 in range(0, t_hi // SBLK + 1, BJ):
+        o_ci = j0 * R - M1 + o_c                                              # [BC] cmp block ids
+        m_c = (o_ci >= 0) & (o_ci < TC)
+        p_key = (i_b * TC + o_ci).to(tl.int64) * H + i_h
+        b_kc = tl.load(k_cmp + p_key[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_kc)) * scale_log2                       # [BM, BC]
+        m_s = m_r[:, None] & m_c[None, :] & ((o_ci * CSTRIDE + CBLK - 1)[None, :] <= t[:, None])
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_sc = tl.dot(b_p, b_w, input_precision="ieee")                       # [BM, K]
+        b_sc = tl.sum(tl.reshape(b_sc, [BT, BG, K]), 1) + 0.                  # [BT, K]; +0: no -0.0
+        o_jj = j0 + o_j                                                       # [K]
+        m_elig = (o_j[None, :] < BJ) & (o_jj[None, :] * SBLK <= o_tt[:, None])
+        m_forced = ((o_jj[None, :] == 0) | (o_jj[None, :] == cur[:, None])
+                    | (o_jj[None, :] == cur[:, None] - 1))
+        b_sc = tl.where(m_forced, float("inf"), b_sc)
+        b_key = (b_sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_jj[None, :].to(tl.int64)
+        b_key = tl.where(m_elig, b_key, -1)
+        # top-K of (sorted descending) U (sorted ascending) = elementwise max, then re-sort
+        b_key = tl.sort(b_key, dim=1, descending=False)
+        b_top = tl.sort(tl.maximum(b_top, b_key), dim=1, descending=True)
+    b_idx = tl.where(b_top >= 0, (b_top & 0xFFFFFFFF).to(tl.int32), -1)
+    p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
+    tl.store(idx + p_idx[:, None] + o_j[None, :], b_idx,
+             mask=(o_tt[:, None] < T) & (o_j[None, :] < NSEL))
+
+
+@triton.jit
+def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
+                    SBLK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr):
+    """Selected attention for one position and KV head: the G heads are the rows (padded to
+    BG >= 16 for tl.dot), the inner loop runs over the n selected blocks (tokens s <= t)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    p_row = (i_b * T + i_t).to(tl.int64) * HQ + i_h * G + o_g               # [BG]
+    o_d = tl.arange(0, D)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.)
+    p_idx = idx + ((i_b * T + i_t).to(tl.int64) * H + i_h) * NSEL
+    o_s = tl.arange(0, BS)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, D], tl.float32)
+    for i_n in range(NSEL):
+        j = tl.load(p_idx + i_n)
+        pos = j * SBLK + o_s                                                  # [BS]
+        m_k = (o_s < SBLK) & (pos <= i_t) & (j >= 0)
+        p_key = (i_b * T + pos).to(tl.int64) * H + i_h
+        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    b_l_safe = tl.where(b_l > 0, b_l, 1.)
+    tl.store(o + p_row[:, None] * D + o_d[None, :], (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty),
+             mask=m_g[:, None])
+    tl.store(lse + p_row, tl.where(b_l > 0, b_m + tl.log2(b_l_safe), float("inf")), mask=m_g)
+
+
+@triton.jit
+def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2, scale, NSEL,
+                       ACCUM: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
+                       D: tl.constexpr, BG: tl.constexpr):
+    """dq of the selected branch; one program per (position, KV head) as in the forward, so
+    every dq row has one writer and needs no atomics."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    p_row = (i_b * T + i_t).to(tl.int64) * HQ + i_h * G + o_g
+    o_d = tl.arange(0, D)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.)
+    b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.)
+    b_lse = tl.load(lse + p_row, mask=m_g, other=float("inf"))
+    b_delta = tl.load(delta + p_row, mask=m_g, other=0.)
+    p_idx = idx + ((i_b * T + i_t).to(tl.int64) * H + i_h) * NSEL
+    o_s = tl.arange(0, BS)
+    b_dq = tl.zeros([BG, D], tl.float32)
+    for i_n in range(NSEL):
+        j = tl.load(p_idx + i_n)
+        pos = j * SBLK + o_s
+        m_k = (o_s < SBLK) & (pos <= i_t) & (j >= 0)
+        p_key = (i_b * T + pos).to(tl.int64) * H + i_h
+        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    b_dq = b_dq * scale
+    p_dq = dq + p_row[:, None] * D + o_d[None, :]
+    if ACCUM:
+        b_dq += tl.load(p_dq, mask=m_g[:, None], other=0.)
+    tl.store(p_dq, b_dq, mask=m_g[:, None])
+
+
+@triton.jit
+def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end,
+                         T, G, BQ, HQ, H, NB, scale_log2, scale,
+                         SBLK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
+    """dk, dv of one selection block from one segment of the queries that selected it (the
+    inverted selection, q_list, holds the positions grouped by block). Each chunk stacks BQ
+    positions x G heads as BM rows of one matmul; segments of a block meet by atomic adds."""
+    i_seg = tl.program_id(0)
+    i_bin = tl.load(seg_bin + i_seg)
+    start = tl.load(seg_start + i_seg)
+    end = tl.load(seg_end + i_seg)
+    i_bh = i_bin // NB
+    j = i_bin % NB
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s = tl.arange(0, BS)
+    pos = j * SBLK + o_s
+    m_k = (o_s < SBLK) & (pos < T)
+    o_d = tl.arange(0, D)
+    p_key = (i_b * T + pos).to(tl.int64) * H + i_h
+    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)  # [BS, D]
+    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+    b_dk = tl.zeros([BS, D], tl.float32)
+    b_dv = tl.zeros([BS, D], tl.float32)
+    o_r = tl.arange(0, BM)
+    for c0 in range(start, end, BQ):
+        o_q = c0 + o_r // G
+        m_r = (o_r < BQ * G) & (o_q < end)
+        t = tl.load(q_list + o_q, mask=m_r, other=0)                          # [BM] positions
+        p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+        b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+        b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+        b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))
+        b_delta = tl.load(delta + p_row, mask=m_r, other=0.)
+        m_s = m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    m_out = m_k[:, None] & (start < end)
+    p_out = p_key[:, None] * D + o_d[None, :]
+    tl.atomic_add(dk + p_out, b_dk * scale, mask=m_out)
+    tl.atomic_add(dv + p_out, b_dv, mask=m_out)
+
+
+@triton.jit
+def _combine_fwd_kernel(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, N,
+                        D: tl.constexpr, BR: tl.constexpr):
+    """o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win over BR rows of [N, D], in fp32."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < N
+    o_d = tl.arange(0, D)
+    p = o_r[:, None] * D + o_d[None, :]
+    b_o = tl.load(g_cmp + o_r, mask=m_r, other=0.).to(tl.float32)[:, None] * \
+        tl.load(o_cmp + p, mask=m_r[:, None], other=0.).to(tl.float32)
+    b_o += tl.load(g_slc + o_r, mask=m_r, other=0.).to(tl.float32)[:, None] * \
+        tl.load(o_slc + p, mask=m_r[:, None], other=0.).to(tl.float32)
+    b_o += tl.load(g_win + o_r, mask=m_r, other=0.).to(tl.float32)[:, None] * \
+        tl.load(o_win + p, mask=m_r[:, None], other=0.).to(tl.float32)
+    tl.store(o + p, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
+
+
+@triton.jit
+def _combine_bwd_one(do, o_b, g_b, do_b, dg_b, delta_b, o_r, m_r, p):
+    b_g = tl.load(g_b + o_r, mask=m_r, other=0.).to(tl.float32)
+    b_dg = tl.sum(do * tl.load(o_b + p, mask=m_r[:, None], other=0.).to(tl.float32), 1)
+    tl.store(do_b + p, (b_g[:, None] * do).to(do_b.dtype.element_ty), mask=m_r[:, None])
+    tl.store(dg_b + o_r, b_dg, mask=m_r)
+    # the branch's softmax backward needs rowsum(do_b * o_b) = g_b * rowsum(do * o_b)
+    tl.store(delta_b + o_r, b_g * b_dg, mask=m_r)
+
+
+@triton.jit
+def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, do_cmp, do_slc, do_win,
+                        dg_cmp, dg_slc, dg_win, dl_cmp, dl_slc, dl_win, N,
+                        D: tl.constexpr, BR: tl.constexpr):
+    """From do: each branch's upstream gradient g_b*do, the gate gradients rowsum(do*o_b), and
+    each branch's softmax-backward term delta_b, in one pass over the rows."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < N
+    o_d = tl.arange(0, D)
+    p = o_r[:, None] * D + o_d[None, :]
+    b_do = tl.load(do + p, mask=m_r[:, None], other=0.).to(tl.float32)
+    _combine_bwd_one(b_do, o_cmp, g_cmp, do_cmp, dg_cmp, dl_cmp, o_r, m_r, p)
+    _combine_bwd_one(b_do, o_slc, g_slc, do_slc, dg_slc, dl_slc, o_r, m_r, p)
+    _combine_bwd_one(b_do, o_win, g_win, do_win, dg_win, dl_win, o_r, m_r, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: check inputs, allocate outputs, pick tiles and grids.
+
+POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: unwritten shows up
+_KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# dk/dv of the compressed keys: split each key tile's query range into slices of this many
+# positions (atomic adds join them); selected dk/dv: at most this many queries per program
+_CMP_SPLIT_POSITIONS = 256 if _INTERPRET else 4096
+_SLC_SEGMENT = 32 if _INTERPRET else 256
+
+
+def _alloc(shape, dtype, device, fill=float("nan")):
+    if POISON_OUTPUTS:
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows_per_tile(G, D, fwd):
+    """Rows (positions x heads) of a dense tile: at least 64 and all G heads of a position."""
+    bm = 128 if (fwd and D <= 128 and not _INTERPRET) else 64
+    return max(bm, triton.next_power_of_2(G))
+
+
+def _dense_fwd(q, k, v, kstride, koff, window, scale):
+    """Attention of q over keys at positions koff + i*kstride in (t - window, t].
+    Returns o (q's dtype) and the base-2 lse [B, T, HQ] (fp32, +inf where nothing is visible)."""
+    B, T, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    o = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc((B, T, HQ), torch.float32, q.device)
+    if TK == 0:
+        return o.zero_(), lse.fill_(float("inf"))
+    BM = _rows_per_tile(G, D, fwd=True)
+    BN = 64 if D <= 128 else 32
+    BT = BM // G
+    grid = (triton.cdiv(T, BT), B * H)
+    _dense_fwd_kernel[grid](q, k, v, o, lse, T, TK, G, BT, HQ, H, scale * _LOG2E, kstride, koff,
+                            window, D=D, BM=BM, BN=BN, num_warps=_num_warps(BM, D), num_stages=2)
+    return o, lse
+
+
+def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale):
+    """Backward of _dense_fwd. Writes (accum: adds) the fp32 dq; returns fp32 dk, dv."""
+    B, T, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    if TK == 0:
+        if not accum:
+            dq.zero_()
+        return (torch.zeros(k.shape, dtype=torch.float32, device=q.device),
+                torch.zeros(k.shape, dtype=torch.float32, device=q.device))
+    BM = _rows_per_tile(G, D, fwd=False)
+    BN = 64 if D <= 128 else 32
+    BT = BM // G
+    nw = _num_warps(BM, D)
+    _dense_bwd_dq_kernel[(triton.cdiv(T, BT), B * H)](
+        q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride, koff,
+        window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=2)
+    # each key tile sees at most min(T, span) query positions; split long ranges
+    span = min(T, (BN - 1) * kstride + window)
+    nsplit = max(1, triton.cdiv(span, _CMP_SPLIT_POSITIONS))
+    if nsplit > 1:
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    else:
+        dk = _alloc(k.shape, torch.float32, q.device)
+        dv = _alloc(k.shape, torch.float32, q.device)
+    _dense_bwd_dkdv_kernel[(triton.cdiv(TK, BN), B * H, nsplit)](
+        q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride,
+        koff, window, nsplit, ATOMIC=nsplit > 1, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=2)
+    return dk, dv
+
+
+def _slc_tiles(G, select_block):
+    return max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(select_block))
+
+
+def _slc_fwd(q, k, v, idx, select_block, scale):
+    B, T, HQ, D = q.shape
+    H, n = k.shape[2], idx.shape[-1]
+    G = HQ // H
+    BG, BS = _slc_tiles(G, select_block)
+    o = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc((B, T, HQ), torch.float32, q.device)
+    _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
+                                SBLK=select_block, BS=BS, D=D, BG=BG,
+                                num_warps=_num_warps(BG, D), num_stages=2)
+    return o, lse
+
+
+def _invert_selection(idx, n_blocks, segment):
+    """CSR of the selection, without a host sync: the positions that chose each (batch, KV
+    head, block) bin, sorted by bin then position (q_list), cut into segments of at most
+    `segment` positions. Returns q_list and per-segment (bin, start, end) into q_list; the grid
+    bound E/segment + bins is an upper bound on the segment count (unused ones are empty)."""
+    B, T, H, n = idx.shape
+    dev = idx.device
+    n_bins = B * H * n_blocks
+    b = torch.arange(B, device=dev)[:, None, None, None]
+    h = torch.arange(H, device=dev)[None, None, :, None]
+    t = torch.arange(T, device=dev)[None, :, None, None]
+    bins = torch.where(idx >= 0, (b * H + h) * n_blocks + idx.long(), n_bins)   # [B, T, H, n]
+    key = torch.sort((bins * T + t).flatten()).values
+    q_list = (key % T).to(torch.int32)
+    offsets = torch.searchsorted(key // T, torch.arange(n_bins + 1, device=dev))  # [bins + 1]
+    n_seg = (offsets[1:] - offsets[:-1] + segment - 1) // segment
+    seg_cum = n_seg.cumsum(0)
+    s = torch.arange(idx.numel() // segment + n_bins, device=dev)
+    seg_bin = torch.searchsorted(seg_cum, s, right=True)
+    valid = seg_bin < n_bins
+    sb = seg_bin.clamp(max=n_bins - 1)
+    start = offsets[sb] + (s - (seg_cum[sb] - n_seg[sb])) * segment
+    end = torch.minimum(start + segment, offsets[sb + 1])
+    zero = torch.zeros_like(start)
+    return (q_list, torch.where(valid, sb, zero).to(torch.int32),
+            torch.where(valid, start, zero).to(torch.int32),
+            torch.where(valid, end, zero).to(torch.int32))
+
+
+def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scale):
+    """Backward of _slc_fwd: writes (accum: adds) the fp32 dq; adds into the fp32 dk, dv."""
+    B, T, HQ, D = q.shape
+    H, n = k.shape[2], idx.shape[-1]
+    G = HQ // H
+    BG, BS = _slc_tiles(G, select_block)
+    _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
+                                   scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
+                                   BS=BS, D=D, BG=BG, num_warps=_num_warps(BG, D), num_stages=2)
+    n_blocks = triton.cdiv(T, select_block)
+    q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
+    BM = max(64, triton.next_power_of_2(G))
+    _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
+        q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
+        H, n_blocks, scale * _LOG2E, scale, SBLK=select_block, BS=BS, D=D, BM=BM,
+        num_warps=_num_warps(BM, D), num_stages=2)
+
+
+def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scale):
+    B, T, HQ, D = q.shape
+    Tc, H = k_cmp.shape[1], k_cmp.shape[2]
+    G = HQ // H
+    BG = triton.next_power_of_2(G)
+    BM = max(64, BG)
+    R, M1 = select_block // block_stride, block_len // block_stride - 1
+    BC = max(64, triton.next_power_of_2(R + M1))
+    BJ = (BC - M1) // R
+    K = max(16, triton.next_power_of_2(n_select), triton.next_power_of_2(BJ))
+    idx = _alloc((B, T, H, n_select), torch.int32, q.device, fill=-2)
+    kc = k_cmp if Tc > 0 else q.new_zeros(1)   # nothing is loaded when Tc == 0
+    _select_kernel[(triton.cdiv(T, BM // BG), B * H)](
+        q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
+        CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BM=BM, BG=BG,
+        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=2)
+    return idx
+
+
+def _combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+    B, T, HQ, D = o_cmp.shape
+    N = B * T * HQ
+    o = _alloc(o_cmp.shape, o_cmp.dtype, o_cmp.device)
+    BR = max(1, 4096 // D)
+    _combine_fwd_kernel[(triton.cdiv(N, BR),)](o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, N,
+                                              D=D, BR=BR, num_warps=4)
+    return o
+
+
+def _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+    B, T, HQ, D = do.shape
+    N = B * T * HQ
+    dev = do.device
+    d_o = [_alloc(do.shape, o_cmp.dtype, dev) for _ in range(3)]
+    d_g = [_alloc((B, T, HQ), torch.float32, dev) for _ in range(3)]
+    d_l = [_alloc((B, T, HQ), torch.float32, dev) for _ in range(3)]
+    BR = max(1, 4096 // D)
+    _combine_bwd_kernel[(triton.cdiv(N, BR),)](do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
+                                              *d_o, *d_g, *d_l, N, D=D, BR=BR, num_warps=4)
+    return d_o, d_g, d_l
+
+
+def _check_triton_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
+                         select_block, n_select, window):
+    check_block_sizes(block_len, block_stride, select_block, n_select, window)
+    B, T, HQ, H, D = check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
+                                  block_len, block_stride)
+    if k.shape[1] != T:
+        raise ValueError(f"the Triton kernels need q and k of the same length (training), got "
+                         f"{T} and {k.shape[1]}: use nsa_attention_ref for decoding")
+    if q.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
+    if D not in _KERNEL_HEAD_DIMS:
+        raise ValueError(f"the Triton kernels need head dim D in {_KERNEL_HEAD_DIMS}, got {D}")
+    for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
+        if not g.is_floating_point() or g.device != q.device:
+            raise ValueError(f"{name} must be a floating tensor on {q.device}, got {g.dtype} "
+                             f"on {g.device}")
+    return B, T, HQ, H, D
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd. _NSAFunction runs the whole layer (the path nsa_attention takes); the per-branch
+# functions below expose each kernel with its own backward, for benchmarks and tests.
+
+def _cmp_geometry(block_len, block_stride):
+    return block_stride, block_len - 1, _NO_WINDOW      # kstride, koff, window
+
+
+class _NSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
+                select_block, n_select, window, scale):
+        _check_triton_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
+                             block_stride, select_block, n_select, window)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = (
+            x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
+        o_cmp, lse_cmp = _dense_fwd(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
+                                    scale)
+        idx = _select(q, k_cmp, lse_cmp, block_len, block_stride, select_block, n_select, scale)
+        o_slc, lse_slc = _slc_fwd(q, k, v, idx, select_block, scale)
+        o_win, lse_win = _dense_fwd(q, k, v, 1, 0, window, scale)
+        o = _combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
+                              lse_cmp, lse_slc, lse_win, idx)
+        ctx.cfg = (block_len, block_stride, select_block, window, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
+         lse_cmp, lse_slc, lse_win, idx) = ctx.saved_tensors
+        block_len, block_stride, select_block, window, scale = ctx.cfg
+        (do_cmp, do_slc, do_win), dg, (dl_cmp, dl_slc, dl_win) = _combine_bwd(
+            do.contiguous(), o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+        dq = _alloc(q.shape, torch.float32, q.device)
+        dk_cmp, dv_cmp = _dense_bwd(q, k_cmp, v_cmp, do_cmp, lse_cmp, dl_cmp, dq, False,
+                                    *_cmp_geometry(block_len, block_stride), scale)
+        dk, dv = _dense_bwd(q, k, v, do_win, lse_win, dl_win, dq, True, 1, 0, window, scale)
+        _slc_bwd(q, k, v, idx, do_slc, lse_slc, dl_slc, dq, True, dk, dv, select_block, scale)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype),
+                dv_cmp.to(v_cmp.dtype), dg[0].to(g_cmp.dtype), dg[1].to(g_slc.dtype),
+                dg[2].to(g_win.dtype), None, None, None, None, None, None)
+
+
+def _delta(do, o):
+    return (do.float() * o.float()).sum(-1)
+
+
+class _DenseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kstride, koff, window, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = _dense_fwd(q, k, v, kstride, koff, window, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.cfg = (kstride, koff, window, scale)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        dq = _alloc(q.shape, torch.float32, q.device)
+        dk, dv = _dense_bwd(q, k, v, do, lse, _delta(do, o), dq, False, *ctx.cfg)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+class _SlcFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, select_block, scale):
+        q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
+        o, lse = _slc_fwd(q, k, v, idx, select_block, scale)
+        ctx.save_for_backward(q, k, v, idx, o, lse)
+        ctx.cfg = (select_block, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, idx, o, lse = ctx.saved_tensors
+        select_block, scale = ctx.cfg
+        do = do.contiguous()
+        dq = _alloc(q.shape, torch.float32, q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        _slc_bwd(q, k, v, idx, do, lse, _delta(do, o), dq, False, dk, dv, select_block, scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _default_scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None):
+    """Compressed branch alone (Triton, autograd): q [B, T, HQ, D], k_cmp, v_cmp [B, Tc, H, D]
+    -> (o [B, T, HQ, D], lse [B, T, HQ] fp32, base 2: log2 sum_i 2^(q.k_i * scale * log2 e),
+    +inf for queries that see no block). Pass lse to nsa_select."""
+    return _DenseFunction.apply(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
+                                _default_scale(q, scale))
+
+
+def nsa_select(q, k_cmp, lse, *, block_len=32, block_stride=16, select_block=64, n_select=16,
+               scale=None):
+    """Top-n selection blocks from the compressed branch's lse (no gradient): int32
+    [B, T, H, n_select], the always-taken blocks first, -1 where fewer blocks are eligible."""
+    with torch.no_grad():
+        return _select(q.contiguous(), k_cmp.contiguous(), lse.contiguous(), block_len,
+                       block_stride, select_block, n_select, _default_scale(q, scale))
+
+
+def selected_attention(q, k, v, idx, *, select_block=64, scale=None):
+    """Selected branch alone (Triton, autograd): attention of q over the tokens s <= t of the
+    blocks idx [B, T, H, n] (from nsa_select; -1 = none) -> o [B, T, HQ, D]."""
+    return _SlcFunction.apply(q, k, v, idx, select_block, _default_scale(q, scale))
+
+
+def window_attention(q, k, v, *, window=512, scale=None):
+    """Sliding-window branch alone (Triton, autograd): keys t - window < s <= t -> o."""
+    return _DenseFunction.apply(q, k, v, 1, 0, window, _default_scale(q, scale))[0]
