@@ -349,7 +349,7 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
 
 
 @triton.jit
-def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL,
+def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.constexpr,
                    CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
                    BJ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
                    BC: tl.constexpr, K: tl.constexpr):
@@ -357,8 +357,8 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL,
     heads padded to BG = next_pow2(G)). Recomputes p_cmp = 2^(s2 - lse) chunk by chunk over the
     compressed blocks, maps it onto selection blocks with the overlap weights (a [BC, K] matrix
     that is the same for every chunk, since chunks start on selection-block boundaries), sums
-    the G heads, and merges the chunk's candidates into a running top-K kept sorted in
-    registers. A candidate is one int64: the fp32 score's bits (non-negative, so they order like
+    the G heads, and merges the chunk's candidates into a running top-n kept in registers,
+    largest first. A candidate is one int64: the fp32 score's bits (non-negative, so they order like
     the score) above the block index; ineligible blocks are -1. Only [B, T, H, n] indices leave
     the kernel."""
     BT: tl.constexpr = BM // BG
@@ -407,9 +407,16 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL,
         b_sc = tl.where(m_forced, float("inf"), b_sc)
         b_key = (b_sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_jj[None, :].to(tl.int64)
         b_key = tl.where(m_elig, b_key, -1)
-        # top-K of (sorted descending) U (sorted ascending) = elementwise max, then re-sort
-        b_key = tl.sort(b_key, dim=1, descending=False)
-        b_top = tl.sort(tl.maximum(b_top, b_key), dim=1, descending=True)
+        # merge: take the n largest of the running top and the chunk's candidates, largest
+        # first, by repeated row maxima (keys are unique but for the -1 fill, so removing the
+        # maximum removes one entry); cheaper than two bitonic sorts of [BT, K]
+        b_new = tl.full([BT, K], -1, tl.int64)
+        for i_r in tl.static_range(NSEL):
+            b_max = tl.maximum(tl.max(b_top, 1), tl.max(b_key, 1))          # [BT]
+            b_new = tl.where(o_j[None, :] == i_r, b_max[:, None], b_new)
+            b_top = tl.where(b_top == b_max[:, None], -1, b_top)
+            b_key = tl.where(b_key == b_max[:, None], -1, b_key)
+        b_top = b_new
     b_idx = tl.where(b_top >= 0, (b_top & 0xFFFFFFFF).to(tl.int32), -1)
     p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
     tl.store(idx + p_idx[:, None] + o_j[None, :], b_idx,
@@ -433,7 +440,8 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
     b_m = tl.full([BG], float("-inf"), tl.float32)
     b_l = tl.zeros([BG], tl.float32)
     b_acc = tl.zeros([BG, D], tl.float32)
-    for i_n in range(NSEL):
+    # exactly min(n, t // l' + 1) blocks are eligible, and the kernel lists them first
+    for i_n in range(tl.minimum(NSEL, i_t // SBLK + 1)):
         j = tl.load(p_idx + i_n)
         pos = j * SBLK + o_s                                                  # [BS]
         m_k = (o_s < SBLK) & (pos <= i_t) & (j >= 0)
@@ -474,7 +482,8 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
     p_idx = idx + ((i_b * T + i_t).to(tl.int64) * H + i_h) * NSEL
     o_s = tl.arange(0, BS)
     b_dq = tl.zeros([BG, D], tl.float32)
-    for i_n in range(NSEL):
+    # exactly min(n, t // l' + 1) blocks are eligible, and the kernel lists them first
+    for i_n in range(tl.minimum(NSEL, i_t // SBLK + 1)):
         j = tl.load(p_idx + i_n)
         pos = j * SBLK + o_s
         m_k = (o_s < SBLK) & (pos <= i_t) & (j >= 0)
@@ -601,8 +610,11 @@ def _alloc(shape, dtype, device, fill=float("nan")):
 
 
 def _rows_per_tile(G, D, fwd):
-    """Rows (positions x heads) of a dense tile: at least 64 and all G heads of a position."""
-    bm = 128 if (fwd and D <= 128 and not _INTERPRET) else 64
+    """Rows (positions x heads) of a dense tile: at least 64 and all G heads of a position.
+    The interpreter pays per operation, not per element: it gets big tiles."""
+    if _INTERPRET:
+        return max(256, triton.next_power_of_2(G))
+    bm = 128 if (fwd and D <= 128) else 64
     return max(bm, triton.next_power_of_2(G))
 
 
@@ -714,7 +726,7 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
                                    BS=BS, D=D, BG=BG, num_warps=_num_warps(BG, D), num_stages=2)
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
-    BM = max(64, triton.next_power_of_2(G))
+    BM = _rows_per_tile(G, D, fwd=False)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
         q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
         H, n_blocks, scale * _LOG2E, scale, SBLK=select_block, BS=BS, D=D, BM=BM,
@@ -726,7 +738,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
     BG = triton.next_power_of_2(G)
-    BM = max(64, BG)
+    BM = max(256 if _INTERPRET else 64, BG)
     R, M1 = select_block // block_stride, block_len // block_stride - 1
     BC = max(64, triton.next_power_of_2(R + M1))
     BJ = (BC - M1) // R
