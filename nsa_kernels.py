@@ -204,8 +204,17 @@ def _use_triton(q):
     return q.is_cuda or (_INTERPRET and q.device.type == "cpu")
 
 
+# GPU tile settings (bench scripts may change them): rows per dense tile in the forward and
+# the backward, software-pipelining depth
+TUNING = {"fwd_rows": 128, "bwd_rows": 64, "stages": 2}
+
+
 def _num_warps(rows, D):
     return 1 if _INTERPRET else (8 if rows * D >= 128 * 128 else 4)
+
+
+def _stages():
+    return 1 if _INTERPRET else TUNING["stages"]
 
 
 @triton.jit
@@ -614,7 +623,7 @@ def _rows_per_tile(G, D, fwd):
     The interpreter pays per operation, not per element: it gets big tiles."""
     if _INTERPRET:
         return max(256, triton.next_power_of_2(G))
-    bm = 128 if (fwd and D <= 128) else 64
+    bm = TUNING["fwd_rows"] if (fwd and D <= 128) else TUNING["bwd_rows"]
     return max(bm, triton.next_power_of_2(G))
 
 
@@ -633,7 +642,7 @@ def _dense_fwd(q, k, v, kstride, koff, window, scale):
     BT = BM // G
     grid = (triton.cdiv(T, BT), B * H)
     _dense_fwd_kernel[grid](q, k, v, o, lse, T, TK, G, BT, HQ, H, scale * _LOG2E, kstride, koff,
-                            window, D=D, BM=BM, BN=BN, num_warps=_num_warps(BM, D), num_stages=2)
+                            window, D=D, BM=BM, BN=BN, num_warps=_num_warps(BM, D), num_stages=_stages())
     return o, lse
 
 
@@ -653,7 +662,7 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
     nw = _num_warps(BM, D)
     _dense_bwd_dq_kernel[(triton.cdiv(T, BT), B * H)](
         q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride, koff,
-        window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=2)
+        window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=_stages())
     # each key tile sees at most min(T, span) query positions; split long ranges
     span = min(T, (BN - 1) * kstride + window)
     nsplit = max(1, triton.cdiv(span, _CMP_SPLIT_POSITIONS))
@@ -665,7 +674,7 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
         dv = _alloc(k.shape, torch.float32, q.device)
     _dense_bwd_dkdv_kernel[(triton.cdiv(TK, BN), B * H, nsplit)](
         q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride,
-        koff, window, nsplit, ATOMIC=nsplit > 1, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=2)
+        koff, window, nsplit, ATOMIC=nsplit > 1, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=_stages())
     return dk, dv
 
 
@@ -682,7 +691,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
                                 SBLK=select_block, BS=BS, D=D, BG=BG,
-                                num_warps=_num_warps(BG, D), num_stages=2)
+                                num_warps=_num_warps(BG, D), num_stages=_stages())
     return o, lse
 
 
@@ -723,14 +732,14 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
     BG, BS = _slc_tiles(G, select_block)
     _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                    scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
-                                   BS=BS, D=D, BG=BG, num_warps=_num_warps(BG, D), num_stages=2)
+                                   BS=BS, D=D, BG=BG, num_warps=_num_warps(BG, D), num_stages=_stages())
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     BM = _rows_per_tile(G, D, fwd=False)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
         q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
         H, n_blocks, scale * _LOG2E, scale, SBLK=select_block, BS=BS, D=D, BM=BM,
-        num_warps=_num_warps(BM, D), num_stages=2)
+        num_warps=_num_warps(BM, D), num_stages=_stages())
 
 
 def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scale):
@@ -748,7 +757,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     _select_kernel[(triton.cdiv(T, BM // BG), B * H)](
         q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
         CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BM=BM, BG=BG,
-        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=2)
+        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=_stages())
     return idx
 
 
