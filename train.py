@@ -15,6 +15,7 @@ Every eval_interval steps (and at the end) the val loss is measured and the chec
 the numbers of each logged step also go to out_dir/log.jsonl.
 """
 import ast
+import builtins
 import json
 import math
 import os
@@ -117,7 +118,11 @@ def apply_config(args, settings):
                 raise ConfigError(f"config file {arg} not found")
             values = {}
             with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), {}, values)
+                source = f.read()
+            try:  # builtins.compile: the setting `compile` shadows the builtin in this module
+                exec(builtins.compile(source, arg, "exec"), {}, values)
+            except Exception as e:  # anything a config file's code raises, reported as such
+                raise ConfigError(f"config file {arg} failed: {type(e).__name__}: {e}") from e
             for key, value in values.items():
                 if key.startswith("_"):
                     continue
