@@ -407,8 +407,14 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
         b_s = tl.dot(b_q, tl.trans(b_kc)) * scale_log2                       # [BM, BC]
         m_s = m_r[:, None] & m_c[None, :] & ((o_ci * CSTRIDE + CBLK - 1)[None, :] <= t[:, None])
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_sc = tl.dot(b_p, b_w, input_precision="ieee")                       # [BM, K]
-        b_sc = tl.sum(tl.reshape(b_sc, [BT, BG, K]), 1) + 0.                  # [BT, K]; +0: no -0.0
+        if BT * BC * K <= 8192:
+            # few positions (G large): sum the heads first, then weight in registers
+            b_ps = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)                   # [BT, BC]
+            b_sc = tl.sum(b_ps[:, :, None] * b_w[None, :, :], 1)              # [BT, K]
+        else:
+            b_sc = tl.dot(b_p, b_w, input_precision="ieee")                   # [BM, K]
+            b_sc = tl.sum(tl.reshape(b_sc, [BT, BG, K]), 1)                   # [BT, K]
+        b_sc = b_sc + 0.                                                      # no -0.0 bits
         o_jj = j0 + o_j                                                       # [K]
         m_elig = (o_j[None, :] < BJ) & (o_jj[None, :] * SBLK <= o_tt[:, None])
         m_forced = ((o_jj[None, :] == 0) | (o_jj[None, :] == cur[:, None])
@@ -747,7 +753,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
     BG = triton.next_power_of_2(G)
-    BM = max(256 if _INTERPRET else 64, BG)
+    BM = max(64, BG)
     R, M1 = select_block // block_stride, block_len // block_stride - 1
     BC = max(64, triton.next_power_of_2(R + M1))
     BJ = (BC - M1) // R
