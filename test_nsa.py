@@ -157,7 +157,7 @@ def test_reference_rejects_bad_inputs():
 # --- model
 
 def tiny_config(attention="nsa", **kw):
-    cfg = dict(block_size=160, vocab_size=67, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+    cfg = dict(block_size=160, vocab_size=67, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                attention=attention, block_len=16, block_stride=8, select_block=16, n_select=3,
                window=24)
     cfg.update(kw)
