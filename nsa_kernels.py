@@ -25,6 +25,7 @@ Semantics for the query at 0-indexed position t:
 """
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -178,8 +179,15 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32, b
     """NSA forward with autograd. Same arguments, shapes and semantics as nsa_attention_ref:
     q: [B, T, HQ, D], k, v: [B, T, H, D], k_cmp, v_cmp: [B, Tc, H, D], g_*: [B, T, HQ]."""
     if _use_triton(q):
-        return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
-                                  block_stride, select_block, n_select, window, scale)
+        check_block_sizes(block_len, block_stride, select_block, n_select, window)
+        check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride)
+        reason = _kernel_unsupported(q, k)
+        if reason is None:
+            return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
+                                      block_stride, select_block, n_select, window, scale)
+        if q.is_cuda:
+            _warn_once(f"nsa_attention: {reason}; using the (slow, O(T^2) memory) PyTorch "
+                       f"reference")
     return nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len=block_len,
                              block_stride=block_stride, select_block=select_block,
                              n_select=n_select, window=window, scale=scale)
@@ -790,18 +798,35 @@ def _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
     return d_o, d_g, d_l
 
 
+def _kernel_unsupported(q, k):
+    """Why valid inputs cannot take the kernels (None if they can)."""
+    if k.shape[1] != q.shape[1]:
+        return (f"the kernels need q and k of the same length (training), got {q.shape[1]} "
+                f"and {k.shape[1]}")
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"the kernels take float16, bfloat16 or float32, got {q.dtype}"
+    if q.shape[-1] not in _KERNEL_HEAD_DIMS:
+        return f"the kernels need head dim D in {_KERNEL_HEAD_DIMS}, got {q.shape[-1]}"
+    return None
+
+
+_WARNED = set()
+
+
+def _warn_once(message):
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
 def _check_triton_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
                          select_block, n_select, window):
     check_block_sizes(block_len, block_stride, select_block, n_select, window)
     B, T, HQ, H, D = check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
                                   block_len, block_stride)
-    if k.shape[1] != T:
-        raise ValueError(f"the Triton kernels need q and k of the same length (training), got "
-                         f"{T} and {k.shape[1]}: use nsa_attention_ref for decoding")
-    if q.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
-    if D not in _KERNEL_HEAD_DIMS:
-        raise ValueError(f"the Triton kernels need head dim D in {_KERNEL_HEAD_DIMS}, got {D}")
+    reason = _kernel_unsupported(q, k)
+    if reason is not None:
+        raise ValueError(reason)
     for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
         if not g.is_floating_point() or g.device != q.device:
             raise ValueError(f"{name} must be a floating tensor on {q.device}, got {g.dtype} "
@@ -902,10 +927,32 @@ def _default_scale(q, scale):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def _check_branch(q, k, v, same_length=True):
+    """Shape/dtype checks of the per-branch functions: q [B, T, HQ, D], k, v [B, T', H, D]."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"need q [B, T, HQ, D] and k, v [B, T, H, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} (batch, head dim, "
+                         f"query heads a multiple of key heads)")
+    if same_length and k.shape[1] != q.shape[1]:
+        raise ValueError(f"q and k must have the same length, got {q.shape[1]}, {k.shape[1]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise ValueError("q, k, v must share dtype and device")
+    reason = _kernel_unsupported(q, q)
+    if reason is not None:
+        raise ValueError(reason)
+
+
 def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None):
     """Compressed branch alone (Triton, autograd): q [B, T, HQ, D], k_cmp, v_cmp [B, Tc, H, D]
     -> (o [B, T, HQ, D], lse [B, T, HQ] fp32, base 2: log2 sum_i 2^(q.k_i * scale * log2 e),
     +inf for queries that see no block). Pass lse to nsa_select."""
+    check_block_sizes(block_len, block_stride, block_stride, 3, 1)
+    _check_branch(q, k_cmp, v_cmp, same_length=False)
+    if k_cmp.shape[1] != num_compressed_blocks(q.shape[1], block_len, block_stride):
+        raise ValueError(f"k_cmp has {k_cmp.shape[1]} blocks, T={q.shape[1]} makes "
+                         f"{num_compressed_blocks(q.shape[1], block_len, block_stride)}")
     return _DenseFunction.apply(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
                                 _default_scale(q, scale))
 
@@ -914,6 +961,11 @@ def nsa_select(q, k_cmp, lse, *, block_len=32, block_stride=16, select_block=64,
                scale=None):
     """Top-n selection blocks from the compressed branch's lse (no gradient): int32
     [B, T, H, n_select], the always-taken blocks first, -1 where fewer blocks are eligible."""
+    check_block_sizes(block_len, block_stride, select_block, n_select, 1)
+    _check_branch(q, k_cmp, k_cmp, same_length=False)
+    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 [B, T, HQ] = {tuple(q.shape[:3])}, got "
+                         f"{lse.dtype} {tuple(lse.shape)}")
     with torch.no_grad():
         return _select(q.contiguous(), k_cmp.contiguous(), lse.contiguous(), block_len,
                        block_stride, select_block, n_select, _default_scale(q, scale))
@@ -922,9 +974,15 @@ def nsa_select(q, k_cmp, lse, *, block_len=32, block_stride=16, select_block=64,
 def selected_attention(q, k, v, idx, *, select_block=64, scale=None):
     """Selected branch alone (Triton, autograd): attention of q over the tokens s <= t of the
     blocks idx [B, T, H, n] (from nsa_select; -1 = none) -> o [B, T, HQ, D]."""
+    _check_branch(q, k, v)
+    if (idx.dim() != 4 or tuple(idx.shape[:3]) != (q.shape[0], q.shape[1], k.shape[2])
+            or idx.dtype != torch.int32):
+        raise ValueError(f"idx must be int32 [B, T, H, n], got {idx.dtype} {tuple(idx.shape)}")
     return _SlcFunction.apply(q, k, v, idx, select_block, _default_scale(q, scale))
 
 
 def window_attention(q, k, v, *, window=512, scale=None):
     """Sliding-window branch alone (Triton, autograd): keys t - window < s <= t -> o."""
+    check_block_sizes(1, 1, 1, 3, window)
+    _check_branch(q, k, v)
     return _DenseFunction.apply(q, k, v, 1, 0, window, _default_scale(q, scale))[0]
