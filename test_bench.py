@@ -151,9 +151,9 @@ def test_tables_and_json_round_trip(tmp_path):
     assert "elementwise" not in bench.profile_table(rows)        # under 1%
     assert "| 1 | 8k | 900 | 18.0 | 0.02x | 2046 | 8192 | 4.0x |" in bench.decode_table(rows)
     assert "nsa: 8k (next OOM)" in bench.train_table(rows)
-    for line in kernel.splitlines():
-        assert line.startswith("| ") and line.endswith(" |")
-        assert line.count("|") == kernel.splitlines()[2].count("|")
+    table = [line for line in kernel.splitlines() if line.startswith("|")]
+    assert len(table) == 4                                       # header, rule, 2 sizes
+    assert all(line.endswith(" |") and line.count("|") == table[0].count("|") for line in table)
 
 
 def test_kernel_names_map_to_branches():
@@ -177,10 +177,11 @@ def test_predictor_extrapolates():
 def test_plot_is_optional(tmp_path):
     path = tmp_path / "plot.png"
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         assert bench.plot_kernel(fake_rows(), str(path)) is False
         return
+    assert matplotlib.__version__
     assert bench.plot_kernel(fake_rows(), str(path)) is True
     assert path.stat().st_size > 1000
 
