@@ -299,3 +299,60 @@ def test_corrupt_checkpoint(work, tmp_path):
     p = run("train.py", *train_args(work, tmp_path / "none", "--init_from=resume"),
             cwd=work["dir"], ok=False)
     assert "no checkpoint at" in p.stderr
+
+
+# --------------------------------------------------------------------------- configs, in process
+
+def defaults():
+    import train
+    return {k: v for k, v in vars(train).items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "config"))
+                                        if f.endswith(".py")))
+def test_config_files_are_valid(name):
+    """Every config file sets only known keys, with the right types, into a valid GPTConfig."""
+    import train
+    from model import GPTConfig
+    cfg = train.apply_config([os.path.join(ROOT, "config", name)], defaults())
+    GPTConfig(**{k: cfg[k] for k in train.MODEL_KEYS})
+
+
+def test_python_8k_configs_differ_only_in_attention():
+    import train
+    nsa = train.apply_config([os.path.join(ROOT, "config", "train_python_8k_nsa.py")], defaults())
+    full = train.apply_config([os.path.join(ROOT, "config", "train_python_8k_full.py")], defaults())
+    assert {k for k in nsa if nsa[k] != full[k]} == {"attention", "out_dir"}
+    assert nsa["n_head"] // nsa["n_kv_head"] == 16
+    assert (nsa["block_len"], nsa["block_stride"], nsa["select_block"], nsa["n_select"],
+            nsa["window"]) == (32, 16, 64, 16, 512)
+
+
+def test_override_parsing():
+    import train
+    cfg = train.apply_config(["--out_dir=2024", "--learning_rate=1", "--attention=full",
+                              "--compile=True", "--max_iters=7"], defaults())
+    assert (cfg["out_dir"], cfg["learning_rate"], cfg["attention"], cfg["compile"],
+            cfg["max_iters"]) == ("2024", 1.0, "full", True, 7)
+    with pytest.raises(train.ConfigError, match="arguments are --key=value"):
+        train.apply_config(["--max_iters"], defaults())
+
+
+def test_lr_schedule():
+    import train
+    cfg = dict(decay_lr=True, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=0,
+               max_iters=110)
+    lrs = [train.get_lr(it, cfg) for it in range(120)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == lrs[119] == 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_peak_flops_table():
+    import train
+    assert train.peak_flops("NVIDIA H200") == 989e12
+    assert train.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert train.peak_flops("Tesla T4") is None

@@ -29,20 +29,22 @@ import numpy as np
 import torch
 
 # ----------------------------------------------------------------------------- defaults
+# The defaults train the tiny Shakespeare model of config/train_shakespeare_cpu.py (minutes on a
+# CPU), so that `python prepare_data.py && python train.py && python sample.py` works as is.
 # I/O
 out_dir = "out"
 data_dir = "data"
 dataset = "shakespeare"
-eval_interval = 250        # steps between val-loss measurements (and checkpoints)
+eval_interval = 100        # steps between val-loss measurements (and checkpoints)
 log_interval = 10          # steps between log lines
-eval_iters = 20            # batches per loss estimate
+eval_iters = 10            # batches per loss estimate
 eval_only = False
 always_save_checkpoint = True  # else save only when val loss improves
 init_from = "scratch"      # "scratch" or "resume" (from out_dir/ckpt.pt)
 progress = True            # tqdm progress bar
 # data
 gradient_accumulation_steps = 1  # total over all DDP processes
-batch_size = 16            # sequences per micro-step per process
+batch_size = 8             # sequences per micro-step per process
 block_size = 256
 # model (GPTConfig)
 n_layer = 4
@@ -60,17 +62,17 @@ window = 64                # w: sliding window
 rope_base = 10000.0
 vocab_size = 50304         # GPT-2's 50257 padded to a multiple of 64
 # optimizer
-learning_rate = 1e-3
-max_iters = 2000
+learning_rate = 2e-3
+max_iters = 300
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # 0 disables
 # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
 decay_lr = True
-warmup_iters = 100
+warmup_iters = 30
 lr_decay_iters = 0         # 0: max_iters
-min_lr = 1e-4
+min_lr = 2e-4
 # system
 device = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 dtype = "auto"             # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
@@ -99,7 +101,9 @@ def parse_value(key, text, default):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text  # a bare word such as --attention=full
-    if isinstance(default, bool):
+    if isinstance(default, str) and not isinstance(value, str):
+        value = text  # --out_dir=2024 is a folder name, not a number
+    elif isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"--{key} must be True or False, got {text!r}")
     elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
