@@ -251,3 +251,211 @@ def test_flops_count_nsa_sparsity():
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
+# Kernel tests: every branch's Triton forward and every gradient against the plain-PyTorch
+# reference. On CPU (TRITON_INTERPRET=1, set before nsa_kernels is imported) they run the
+# kernels under Triton's interpreter in fp32 with a tight tolerance; on CUDA without the
+# interpreter in bf16 against the fp32 reference. Inputs are fresh random draws on every run
+# (the seed is in the failure message); outputs are NaN-poisoned before the kernels write.
+import random
+
+KERNEL_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNEL_DEVICE = "cpu" if KERNEL_INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+KERNEL_DTYPE = torch.float32 if KERNEL_INTERPRET else torch.bfloat16
+# relative-norm tolerance: fp32 in the interpreter is exact up to summation order; bf16
+# operands (8-bit mantissa) with fp32 accumulation land between 1e-3 and 1e-2
+KERNEL_RTOL = 1e-5 if KERNEL_INTERPRET else 2e-2
+# absolute floor for references that are exactly zero by cancellation (e.g. dq of a query that
+# sees a single key): the error is then relative to the O(1) terms that cancel
+KERNEL_ATOL = 1e-4 if KERNEL_INTERPRET else 2e-2
+needs_kernels = pytest.mark.skipif(
+    KERNEL_DEVICE is None or not nk._use_triton(torch.empty(0, device=KERNEL_DEVICE or "cpu")),
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before importing nsa_kernels")
+K_PAPER = dict(block_len=32, block_stride=16, select_block=64, n_select=16, window=512)
+K_SMALL = dict(block_len=16, block_stride=8, select_block=32, n_select=4, window=64)
+
+
+@pytest.fixture
+def kernel_seed(monkeypatch):
+    monkeypatch.setattr(nk, "POISON_OUTPUTS", True)
+    seed = random.randrange(2 ** 31)
+    torch.manual_seed(seed)
+    return seed
+
+
+def kernel_inputs(B, T, HQ, H, D, cfg):
+    """q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win on the kernel device, requiring grad."""
+    Tc = nk.num_compressed_blocks(T, cfg["block_len"], cfg["block_stride"])
+    shapes = [(B, T, HQ, D), (B, T, H, D), (B, T, H, D), (B, Tc, H, D), (B, Tc, H, D)]
+    xs = [torch.randn(s, device=KERNEL_DEVICE) for s in shapes]
+    xs += [torch.rand(B, T, HQ, device=KERNEL_DEVICE) for _ in range(3)]
+    return [x.to(KERNEL_DTYPE).requires_grad_() for x in xs]
+
+
+def assert_close(name, got, want, seed, rtol=None):
+    """Relative-norm check (plus an absolute floor for zero references); reports both."""
+    rtol = KERNEL_RTOL if rtol is None else rtol
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert not torch.isnan(got).any(), f"{name}: NaN (seed {seed})"
+    if want.numel() == 0:
+        return
+    err = (got - want).abs().max().item()
+    rel = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    assert rel <= rtol or err <= KERNEL_ATOL, \
+        f"{name}: max abs err {err:.3e}, rel norm err {rel:.3e} > {rtol} (seed {seed})"
+
+
+FULL_CASES = [  # B, T, HQ, H, D, cfg
+    pytest.param(1, 1, 1, 1, 32, K_SMALL, id="T1-G1-D32-small"),
+    pytest.param(2, 17, 4, 2, 64, K_PAPER, id="T17-G2-D64-paper-B2-no-cmp-block"),
+    pytest.param(1, 100, 16, 1, 32, K_SMALL, id="T100-G16-D32-small"),
+    pytest.param(1, 100, 6, 2, 32, K_SMALL, id="T100-G3-D32-small"),
+    pytest.param(1, 333, 2, 1, 64, K_SMALL, id="T333-G2-D64-small"),
+    pytest.param(1, 333, 16, 1, 32, K_PAPER, id="T333-G16-D32-paper"),
+    pytest.param(1, 1100, 1, 1, 32, K_SMALL, id="T1100-G1-D32-small"),
+]
+GRAD_NAMES = ["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,T,HQ,H,D,cfg", FULL_CASES)
+def test_kernels_nsa_matches_reference(B, T, HQ, H, D, cfg, kernel_seed):
+    xs = kernel_inputs(B, T, HQ, H, D, cfg)
+    do = torch.randn(B, T, HQ, D, device=KERNEL_DEVICE).to(KERNEL_DTYPE)
+    got = nk.nsa_attention(*xs, **cfg)
+    got_grads = torch.autograd.grad(got, xs, do)
+    ref_xs = [x.detach().float().requires_grad_() for x in xs]
+    want = nk.nsa_attention_ref(*ref_xs, **cfg)
+    want_grads = torch.autograd.grad(want, ref_xs, do.float())
+    assert got.dtype == KERNEL_DTYPE
+    assert_close("o", got, want, kernel_seed)
+    for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
+        assert_close(f"d{name}", g, w, kernel_seed)
+
+
+def reference_scores(q, k_cmp, cfg):
+    """Reference block scores [B, H, T, NB] with forced blocks at +inf, ineligible at -inf."""
+    B, T, HQ, D = q.shape
+    H = k_cmp.shape[2]
+    p = nk.compressed_probs_ref(q.float(), k_cmp.float(), cfg["block_len"], cfg["block_stride"],
+                                D ** -0.5)
+    _, score = nk.select_blocks_ref(p.view(B, H, HQ // H, T, -1), T, cfg["block_len"],
+                                    cfg["block_stride"], cfg["select_block"], cfg["n_select"])
+    t = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(score.shape[-1], device=q.device)[None, :]
+    cur = t // cfg["select_block"]
+    score = score.masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
+    return score.masked_fill(j * cfg["select_block"] > t, float("-inf"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,T,HQ,H,D,cfg", [
+    pytest.param(1, 333, 16, 1, 32, K_SMALL, id="T333-G16-small"),
+    pytest.param(2, 1100, 2, 2, 32, K_SMALL, id="T1100-G1-small-B2"),
+    pytest.param(1, 1100, 4, 2, 64, K_PAPER, id="T1100-G2-paper"),
+    pytest.param(1, 700, 32, 1, 32, K_SMALL, id="T700-G32-small"),
+])
+def test_kernels_selection_matches_reference_scores(B, T, HQ, H, D, cfg, kernel_seed):
+    q, _, _, k_cmp = kernel_inputs(B, T, HQ, H, D, cfg)[:4]
+    with torch.no_grad():
+        _, lse = nk.compressed_attention(q, k_cmp, k_cmp, block_len=cfg["block_len"],
+                                         block_stride=cfg["block_stride"])
+    idx = nk.nsa_select(q, k_cmp, lse, **{k: cfg[k] for k in
+                                          ("block_len", "block_stride", "select_block", "n_select")})
+    n, ls = cfg["n_select"], cfg["select_block"]
+    assert idx.shape == (B, T, H, n) and idx.dtype == torch.int32
+    t = torch.arange(T, device=q.device)[None, :, None, None]
+    n_eligible = torch.clamp(t // ls + 1, max=n)                              # [1, T, 1, 1]
+    slot = torch.arange(n, device=q.device)
+    assert ((idx >= 0) == (slot < n_eligible)).all(), "wrong count of chosen blocks / padding"
+    assert (idx * ls <= t).all(), "an ineligible block was chosen"
+    chosen = idx.long().clamp(min=0)
+    nb = (T + ls - 1) // ls
+    counts = torch.zeros(B, T, H, nb + 1, device=q.device).scatter_add_(
+        -1, torch.where(idx >= 0, idx.long(), nb), torch.ones(idx.shape, device=q.device))
+    assert counts[..., :nb].max() <= 1, "a block was chosen twice"
+    # compare by scores: the sorted scores of the chosen blocks equal the reference's top-n
+    score = reference_scores(q.detach(), k_cmp.detach(), cfg).permute(0, 2, 1, 3)  # [B, T, H, NB]
+    got = torch.where(idx >= 0, score.gather(-1, chosen), float("-inf")).sort(-1, True).values
+    want = score.topk(min(n, score.shape[-1]), dim=-1).values
+    if want.shape[-1] < n:
+        pad = torch.full((*want.shape[:-1], n - want.shape[-1]), float("-inf"), device=q.device)
+        want = torch.cat([want, pad], -1)
+    finite = torch.isfinite(want)
+    assert (torch.isfinite(got) == finite).all(), f"forced/eligible blocks differ (seed {kernel_seed})"
+    err = (got[finite] - want[finite]).abs()
+    tol = 1e-5 if KERNEL_INTERPRET else 1e-2
+    assert err.max().item() <= tol * max(want[finite].abs().max().item(), 1.0), \
+        f"k-th chosen score differs by {err.max().item():.3e} (seed {kernel_seed})"
+
+
+def masked_attention_ref(q, k, v, mask, scale):
+    """softmax(q k^T * scale) v over mask [B, H or 1, T, Tk]; rows with no key give 0."""
+    G = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2).float()
+    kh, vh = (x.transpose(1, 2).float().repeat_interleave(G, 1) for x in (k, v))
+    mask = mask.repeat_interleave(G, 1) if mask.shape[1] > 1 else mask
+    s = (qh @ kh.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(torch.softmax(s, -1)).matmul(vh).transpose(1, 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("branch", ["compressed", "selected", "window"])
+def test_kernels_branch_functions(branch, kernel_seed):
+    B, T, HQ, H, D, cfg = 2, 150, 4, 2, 32, K_SMALL
+    q, k, v, kc, vc = kernel_inputs(B, T, HQ, H, D, cfg)[:5]
+    l, d, ls = cfg["block_len"], cfg["block_stride"], cfg["select_block"]
+    t = torch.arange(T, device=q.device)[:, None]
+    if branch == "compressed":
+        got, lse = nk.compressed_attention(q, kc, vc, block_len=l, block_stride=d)
+        keys, vals = kc, vc
+        mask = (torch.arange(kc.shape[1], device=q.device)[None, :] * d + l <= t + 1)[None, None]
+        logits = (q.transpose(1, 2).float() @ kc.transpose(1, 2).float().repeat_interleave(
+            HQ // H, 1).transpose(-1, -2)) * D ** -0.5
+        want_lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), -1) / math.log(2)
+        want_lse = want_lse.masked_fill(~mask.any(-1), float("inf")).transpose(1, 2)
+        assert_close("lse", torch.where(torch.isinf(lse), 0, lse),
+                     torch.where(torch.isinf(want_lse), 0, want_lse), kernel_seed)
+        assert (torch.isinf(lse) == torch.isinf(want_lse)).all()
+    elif branch == "selected":
+        with torch.no_grad():
+            _, lse = nk.compressed_attention(q, kc, vc, block_len=l, block_stride=d)
+        idx = nk.nsa_select(q, kc, lse, block_len=l, block_stride=d, select_block=ls,
+                            n_select=cfg["n_select"])
+        got = nk.selected_attention(q, k, v, idx, select_block=ls)
+        keys, vals = k, v
+        nb = (T + ls - 1) // ls
+        sel = torch.zeros(B, T, H, nb + 1, dtype=torch.bool, device=q.device)
+        sel.scatter_(-1, torch.where(idx >= 0, idx.long(), nb), True)
+        tok = sel[..., :nb].repeat_interleave(ls, -1)[..., :T].permute(0, 2, 1, 3)
+        mask = tok & (torch.arange(T, device=q.device)[None, :] <= t)
+    else:
+        got = nk.window_attention(q, k, v, window=cfg["window"])
+        keys, vals = k, v
+        s = torch.arange(T, device=q.device)[None, :]
+        mask = ((s <= t) & (s > t - cfg["window"]))[None, None]
+    want = masked_attention_ref(q, keys, vals, mask, D ** -0.5)
+    assert_close("o", got, want, kernel_seed)
+    do = torch.randn_like(q)
+    for name, g, w in zip(["q", "k", "v"], torch.autograd.grad(got, (q, keys, vals), do),
+                          torch.autograd.grad(want, (q, keys, vals), do.float())):
+        assert_close(f"d{name}", g, w, kernel_seed)
+
+
+@needs_kernels
+def test_kernels_bad_inputs_raise():
+    q, k, v, kc, vc, *g = kernel_inputs(1, 40, 2, 1, 32, K_SMALL)
+    with pytest.raises(ValueError, match="head dim"):
+        nk.window_attention(q[..., :24], k[..., :24], v[..., :24], window=8)
+    with pytest.raises(ValueError, match="same length"):
+        nk.window_attention(q[:, :20], k, v, window=8)
+    with pytest.raises(ValueError, match="int32"):
+        nk.selected_attention(q, k, v, torch.zeros(1, 40, 1, 4, dtype=torch.int64,
+                                                   device=q.device), select_block=32)
+    with pytest.raises(ValueError, match="k_cmp has"):
+        nk.compressed_attention(q, kc[:, 1:], vc[:, 1:], block_len=16, block_stride=8)
+    with pytest.raises(ValueError, match="lse must be fp32"):
+        nk.nsa_select(q, kc, torch.zeros(1, 40, 2, device=q.device, dtype=torch.float64),
+                      block_len=16, block_stride=8, select_block=32, n_select=4)
+    with pytest.raises(ValueError, match="block_stride"):
+        nk.nsa_attention(q, k, v, kc, vc, *g, **dict(K_SMALL, block_stride=5))
