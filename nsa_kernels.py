@@ -440,7 +440,7 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
             b_top = tl.where(b_top == b_max[:, None], -1, b_top)
             b_key = tl.where(b_key == b_max[:, None], -1, b_key)
         b_top = b_new
-    b_idx = tl.where(b_top >= 0, (b_top & 0xFFFFFFFF).to(tl.int32), -1)
+    b_idx = tl.where(b_top >= 0, b_top.to(tl.int32), -1)            # low 32 bits: the block
     p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
     tl.store(idx + p_idx[:, None] + o_j[None, :], b_idx,
              mask=(o_tt[:, None] < T) & (o_j[None, :] < NSEL))
