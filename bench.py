@@ -323,6 +323,8 @@ def environment():
         impl = getattr(torch.nn.attention, "current_flash_attention_impl", None)
         if impl is not None:
             env["flash_impl"] = str(impl())
+    if hasattr(nk, "TUNING"):
+        env["nsa_tuning"] = dict(nk.TUNING)
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                            text=True, timeout=10).stdout.strip() or None
@@ -528,17 +530,22 @@ def train_table(rows):
     sel = [r for r in rows if r["kind"] in ("train", "train_fit")]
     if not sel:
         return ""
+    order = list(dict.fromkeys(r["attention"] for r in sel))
+    sel = sorted(sel, key=lambda r: (order.index(r["attention"]), r["T"]))
+    full_ms = {r["T"]: r["ms"] for r in sel if r["attention"] == "full" and r.get("ms")}
     lines = []
     for r in sel:
         if r["status"] != "ok":
-            lines.append([r["attention"], fmt_T(r["T"]), r["status"], "-", "-", "-"])
+            lines.append([r["attention"], fmt_T(r["T"]), r["status"], "-", "-", "-", "-"])
         elif r.get("tokens_per_s") is None:
-            lines.append([r["attention"], fmt_T(r["T"]), "fits (1 step)", "-", "-",
+            lines.append([r["attention"], fmt_T(r["T"]), "fits (1 step)", "-", "-", "-",
                           f"{r['peak_gib']:.1f}"])
         else:
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            vs = (f"{full_ms[r['T']] / r['ms']:.2f}x"
+                  if r["attention"] != "full" and r["T"] in full_ms else "-")
             lines.append([r["attention"], fmt_T(r["T"]), f"{r['ms']:.0f}",
-                          f"{r['tokens_per_s']:.0f}", mfu, f"{r['peak_gib']:.1f}"])
+                          f"{r['tokens_per_s']:.0f}", vs, mfu, f"{r['peak_gib']:.1f}"])
     largest = []
     for att in dict.fromkeys(r["attention"] for r in sel):
         ok = [r["T"] for r in sel if r["attention"] == att and r["status"] == "ok"]
@@ -549,7 +556,7 @@ def train_table(rows):
             largest.append(f"{att}: {fmt_T(max(ok))}{bound}")
         else:
             largest.append(f"{att}: none")
-    headers = ["attention", "T", "ms/step", "tokens/s", "MFU", "peak GiB"]
+    headers = ["attention", "T", "ms/step", "tokens/s", "speedup vs full", "MFU", "peak GiB"]
     return (f"Training step (fwd+bwd+AdamW, bf16 autocast, batch 1), {sel[0]['model_desc']}\n\n"
             + markdown_table(headers, lines)
             + "\n\nLargest context that fits: " + "; ".join(largest))
@@ -652,9 +659,10 @@ def measure(fn, args, deadline):
     peak = torch.cuda.max_memory_allocated()
     finite = all_finite(result)
     del result
-    est = event_time_ms(fn)
+    est = max(event_time_ms(fn), 1e-3)
     if est * 5 <= args.rep:
-        ms, method, reps = do_bench_median(fn, args.warmup, args.rep), "do_bench", max(1, int(args.rep / est))
+        ms, method = do_bench_median(fn, args.warmup, args.rep), "do_bench"
+        reps = max(1, int(args.rep / est))      # about what do_bench ran
     else:
         n = min(MAX_LONG_REPS, max(MIN_LONG_REPS, int(LONG_REP_MS / est)))
         n = min(n, 1 + int((1000 * args.row_budget - 2 * est) / est),
@@ -734,6 +742,8 @@ def run_row(rec, base, make_fn, args, deadline, predictor=None, key=None, flops=
                        error=(msg[:1500] + (f" [warnings: {reasons}]" if reasons else "")))
             if is_fatal(e):
                 fatal = msg
+        if caught:
+            row["warnings"] = "; ".join(dict.fromkeys(str(w.message) for w in caught))[:1500]
     free_memory()
     if row["status"] == "ok":
         if flops is not None:
@@ -748,12 +758,12 @@ def run_row(rec, base, make_fn, args, deadline, predictor=None, key=None, flops=
 
 
 # ----------------------------------------------------------------------------- inputs
-def nsa_inputs(B, T, HQ, H, D, hp, dtype=torch.bfloat16, requires_grad=True, Tq=None):
+def nsa_inputs(B, T, HQ, H, D, hp, dtype=torch.bfloat16, requires_grad=True, Tq=None,
+               dev="cuda"):
     """Random NSA inputs (normal, gates uniform in [0, 1]): q [B, Tq, HQ, D] for the last Tq
     positions, k, v [B, T, H, D], k_cmp, v_cmp [B, Tc, H, D], gates [B, Tq, HQ]."""
     Tq = T if Tq is None else Tq
     Tc = nk.num_compressed_blocks(T, hp["block_len"], hp["block_stride"])
-    dev = "cuda"
     xs = [torch.randn(B, Tq, HQ, D, device=dev, dtype=dtype),
           torch.randn(B, T, H, D, device=dev, dtype=dtype),
           torch.randn(B, T, H, D, device=dev, dtype=dtype),
@@ -781,6 +791,16 @@ def sdpa_call(q, k, v, backend, causal):
 # ----------------------------------------------------------------------------- NSA entry points
 # Every call into nsa_kernels beyond nsa_attention / nsa_attention_ref goes through the
 # functions in this section, so an API change is fixed in one place.
+
+def kernel_refusal(xs):
+    """Why nsa_attention would run the PyTorch reference instead of the Triton kernels on these
+    inputs (it falls back silently after one warning), or None if it runs the kernels."""
+    q, k = xs[0], xs[1]
+    if not getattr(nk, "_use_triton", lambda q: q.is_cuda)(q):
+        return "nsa_kernels does not use Triton for these inputs"
+    reason = getattr(nk, "_kernel_unsupported", lambda q, k: None)(q, k)
+    return None if reason is None else f"nsa_attention would run the reference: {reason}"
+
 
 def has_branch_entry_points():
     return all(hasattr(nk, name) for name in ("compressed_attention", "nsa_select",
@@ -850,11 +870,15 @@ def kernel_group(name):
 def profile_kernels(fn):
     """GPU time per kernel name (us) of one call of fn, from torch.profiler's trace."""
     from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
+    if cuda:
         torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
@@ -865,25 +889,32 @@ def profile_kernels(fn):
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
             kernels[e["name"]] = kernels.get(e["name"], 0.0) + float(e.get("dur", 0.0))
+    if not kernels and cuda:  # another trace format: the profiler's device-side events
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.name] = kernels.get(e.name, 0.0) + float(e.device_time_total)
     return kernels
 
 
 # ----------------------------------------------------------------------------- correctness
 def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().double(), ref.detach().double()
     return float((x - ref).norm() / ref.norm().clamp(min=1e-30)), float((x - ref).abs().max())
 
 
-def check_correctness(rec, shape, hp):
+def check_correctness(rec, shape, hp, dev="cuda", dtype=torch.bfloat16, cases=None):
     """nsa_attention (Triton, bf16) against nsa_attention_ref (fp32 on the same inputs upcast),
     forward and every input's gradient, on two small shapes with fresh random inputs: batch 2,
     T=3000 (not a multiple of any block, and long enough that top-n discards blocks), 16 query
     heads sharing 1 KV head; and the benchmark's heads at T=2500. Returns True if all pass."""
-    cases = [(2, 3000, 16, 1, 64), (1, 2500, shape["HQ"], shape["H"], shape["D"])]
+    cases = cases or [(2, 3000, 16, 1, 64), (1, 2500, shape["HQ"], shape["H"], shape["D"])]
     ok = True
     for B, T, HQ, H, D in cases:
         torch.manual_seed(1000 + T)
-        xs = nsa_inputs(B, T, HQ, H, D, hp)
+        xs = nsa_inputs(B, T, HQ, H, D, hp, dtype=dtype, dev=dev)
+        refusal = kernel_refusal(xs)
+        if refusal is not None:
+            raise SystemExit(f"check B={B} T={T} HQ={HQ} H={H} D={D}: {refusal}")
         ref_xs = [x.detach().float().requires_grad_() for x in xs]
         out = nk.nsa_attention(*xs, **hp)
         ref = nk.nsa_attention_ref(*ref_xs, **hp)
@@ -941,6 +972,9 @@ def run_kernel(args, rec):
         for pass_ in ("fwd", "fwd+bwd"):
             def make(pass_=pass_):
                 xs = holder.get("xs") or make_nsa()
+                refusal = kernel_refusal(xs)
+                if refusal is not None:
+                    raise NotImplementedError(refusal)
                 if pass_ == "fwd":
                     def fwd():
                         with torch.no_grad():
@@ -950,7 +984,9 @@ def run_kernel(args, rec):
                 return lambda: torch.autograd.grad(nk.nsa_attention(*xs, **hp), xs, do)
             run_row(rec, dict(base, impl="nsa", **{"pass": pass_}), make, args, deadline,
                     predictor, ("nsa", pass_), nsa_flops(B, T, HQ, D, hp, pass_))
-        if branches and "xs" in holder:
+        # the branches and the profile only where the whole call ran the kernels
+        kernels_ran = "xs" in holder and kernel_refusal(holder["xs"]) is None
+        if branches and kernels_ran:
             fns = {}
             for branch in BRANCHES:
                 for pass_ in ("fwd", "fwd+bwd"):
@@ -964,11 +1000,12 @@ def run_kernel(args, rec):
                             make_branch, args, deadline, predictor, (branch, pass_),
                             nsa_branch_flops(B, T, HQ, D, hp, branch, pass_))
             fns.clear()
-        if "xs" in holder:
-            xs, do = holder["xs"], holder["do"]
+        if kernels_ran:
+            # a profiled call costs about two timed ones (one unprofiled warm-up)
+            last = predictor.predict(("nsa", "fwd+bwd"), T)
             for pass_ in ("fwd", "fwd+bwd"):
-                run_profile(rec, dict(base, kind="kernel_profile", **{"pass": pass_}), xs, do,
-                            hp, pass_, deadline)
+                run_profile(rec, dict(base, kind="kernel_profile", **{"pass": pass_}),
+                            holder["xs"], holder["do"], hp, pass_, deadline, last)
         holder.clear()
         free_memory()
 
@@ -1007,11 +1044,11 @@ def run_kernel(args, rec):
         free_memory()
 
 
-def run_profile(rec, base, xs, do, hp, pass_, deadline):
+def run_profile(rec, base, xs, do, hp, pass_, deadline, call_ms=None):
     """One nsa_attention call under torch.profiler: GPU time per kernel name and per branch."""
     row = dict(base)
-    if deadline.left_ms() <= 0:
-        return rec.add(dict(row, status="skipped", error="time budget exhausted (--budget)"))
+    if deadline.left_ms() <= 2 * (call_ms or 0):
+        return rec.add(dict(row, status="skipped", error="time budget (--budget)"))
     if pass_ == "fwd":
         def fn():
             with torch.no_grad():
@@ -1096,37 +1133,45 @@ def run_train(args, rec):
     log(f"== train: {desc}; MFU against {peak and f'{peak / 1e12:.0f} TFLOP/s' or 'unknown peak'}")
     Ts = lengths_for(args, TRAIN_T)
     B = 1
-    for attention in ("nsa", "full"):
-        predictor = Predictor()
-        fit = []   # contexts that ran
+    attentions = ("nsa", "full")
 
-        def make_step(T, attention=attention):
-            cfg = GPTConfig(block_size=T, attention=attention, **fields)
-            with torch.device("cuda"):
-                model = GPT(cfg)
-            opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4,
-                                             betas=(0.9, 0.95), device_type="cuda")
-            x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-            y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    def make_step(T, attention):
+        cfg = GPTConfig(block_size=T, attention=attention, **fields)
+        with torch.device("cuda"):
+            model = GPT(cfg)
+        opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4,
+                                         betas=(0.9, 0.95), device_type="cuda")
+        x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+        y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
 
-            def step():
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-                    _, loss = model(x, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return model, step
+        def step():
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model, step
 
-        for T in Ts:
+    # contexts outer, attentions inner: a slow variant cannot starve the other of the budget
+    predictor = Predictor()
+    fit = {a: [] for a in attentions}
+    stopped = set()   # variants that ran out of memory: larger contexts will too
+    for T in Ts:
+        for attention in attentions:
+            if attention in stopped:
+                continue
             row = train_row(rec, dict(kind="train", attention=attention, T=T, B=B,
                                       model_desc=desc), make_step, args, deadline, predictor,
                             peak, timed=True)
             if row["status"] == "ok":
-                fit.append(T)
+                fit[attention].append(T)
             elif row["status"] == "OOM":
-                break
-        # largest context: keep doubling from the largest that ran, one step each
-        T = 2 * max(fit) if fit and len(fit) == len(Ts) and not args.quick else None
+                stopped.add(attention)
+    if args.quick:
+        return
+    # largest context: keep doubling from the largest that ran, one step each
+    for attention in attentions:
+        T = 2 * max(fit[attention]) if len(fit[attention]) == len(Ts) else None
         while T is not None and T <= TRAIN_MAX_T:
             row = train_row(rec, dict(kind="train_fit", attention=attention, T=T, B=B,
                                       model_desc=desc), make_step, args, deadline, predictor,
@@ -1134,9 +1179,35 @@ def run_train(args, rec):
             T = 2 * T if row["status"] == "ok" else None
 
 
+def time_train_steps(make_step, T, attention, B, steps, peak):
+    """Build the model at context T and run one step (compiles kernels, allocates optimizer
+    state), then, if steps > 0, one more warm-up step and `steps` steps timed with CUDA events.
+    The model lives only in this call, so an OOM frees it on the way out."""
+    torch.cuda.reset_peak_memory_stats()
+    model, step = make_step(T, attention)
+    out = dict(params=model.get_num_params())
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    out["first_step_s"] = time.perf_counter() - t0
+    if steps > 0:
+        step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / steps
+        out.update(ms=ms, tokens_per_s=B * T / (ms / 1000), steps=steps,
+                   mfu=model.estimate_mfu(B, ms / 1000, peak) if peak else None)
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 def train_row(rec, base, make_step, args, deadline, predictor, peak, timed):
-    """Build the model at context T, run warm-up steps (the first compiles), then time
-    args.steps steps with CUDA events; timed=False only checks that one step fits."""
+    """One row of train mode: time_train_steps, or with timed=False only whether one step fits;
+    'OOM', 'error' or 'skipped' (time budget) instead of numbers."""
     row = dict(base)
     T = base["T"]
     predicted = predictor.predict(base["attention"], T)
@@ -1147,29 +1218,10 @@ def train_row(rec, base, make_step, args, deadline, predictor, peak, timed):
         return rec.add(row)
     fatal = None
     try:
-        torch.cuda.reset_peak_memory_stats()
-        model, step = make_step(T)
-        row["params"] = model.get_num_params()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        row["first_step_s"] = time.perf_counter() - t0
-        if timed:
-            step()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.steps):
-                step()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end) / args.steps
-            row.update(ms=ms, tokens_per_s=base["B"] * T / (ms / 1000), steps=args.steps,
-                       mfu=model.estimate_mfu(base["B"], ms / 1000, peak) if peak else None)
-            predictor.add(base["attention"], T, ms)
-        else:
-            predictor.add(base["attention"], T, 1000 * row["first_step_s"])
-        row.update(status="ok", peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-        del model, step
+        row.update(time_train_steps(make_step, T, base["attention"], base["B"],
+                                    args.steps if timed else 0, peak))
+        row["status"] = "ok"
+        predictor.add(base["attention"], T, row["ms"] if timed else 1000 * row["first_step_s"])
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="OOM", error=str(e).split("\n")[0][:300])
     except ROW_ERRORS as e:
