@@ -87,6 +87,10 @@ class FatalCudaError(Exception):
     """The CUDA context is unusable (illegal address, launch failure): stop measuring."""
 
 
+class CheckFailed(Exception):
+    """nsa_attention disagrees with nsa_attention_ref: kernel timings would mean nothing."""
+
+
 def log(msg=""):
     print(msg, flush=True)
 
@@ -353,7 +357,9 @@ def describe_row(row):
     if kind == "check":
         return (f"{head} {row['case']}: out rel {row['out_rel']:.2e} (max abs {row['out_max']:.2e}); "
                 f"grad rel worst {row['grad_rel_worst']:.2e} ({row['grad_worst']}) -> "
-                f"{'OK' if row['ok'] else 'FAIL'}")
+                f"{'OK' if row['ok'] else 'FAIL'}"
+                + ("" if row["ok"] else " all grads: " + ", ".join(
+                    f"{k} {v:.2e}" for k, v in row["grad_rel"].items())))
     where = " ".join(f"{k}={fmt_T(row[k]) if k == 'T' else row[k]}"
                      for k in ("shape", "T", "B", "impl", "attention", "branch", "pass")
                      if k in row)
@@ -910,35 +916,47 @@ def check_correctness(rec, shape, hp, dev="cuda", dtype=torch.bfloat16, cases=No
     cases = cases or [(2, 3000, 16, 1, 64), (1, 2500, shape["HQ"], shape["H"], shape["D"])]
     ok = True
     for B, T, HQ, H, D in cases:
-        torch.manual_seed(1000 + T)
-        xs = nsa_inputs(B, T, HQ, H, D, hp, dtype=dtype, dev=dev)
-        refusal = kernel_refusal(xs)
-        if refusal is not None:
-            raise SystemExit(f"check B={B} T={T} HQ={HQ} H={H} D={D}: {refusal}")
-        ref_xs = [x.detach().float().requires_grad_() for x in xs]
-        out = nk.nsa_attention(*xs, **hp)
-        ref = nk.nsa_attention_ref(*ref_xs, **hp)
-        do = torch.randn_like(out)
-        grads = torch.autograd.grad(out, xs, do, allow_unused=True)
-        ref_grads = torch.autograd.grad(ref, ref_xs, do.float())
-        out_rel, out_max = rel_err(out, ref)
-        finite = bool(torch.isfinite(out).all())
-        grad_rel = {}
-        for name, g, rg in zip(NSA_INPUT_NAMES, grads, ref_grads):
-            if g is None or not bool(torch.isfinite(g).all()):
-                grad_rel[name] = float("inf")
-            else:
-                grad_rel[name] = rel_err(g, rg)[0]
-        worst = max(grad_rel, key=grad_rel.get)
-        passed = (finite and out_rel < CHECK_TOL_OUT and grad_rel[worst] < CHECK_TOL_GRAD)
-        rec.add(dict(kind="check", case=f"B={B} T={T} HQ={HQ} H={H} D={D} {hp}", ok=passed,
-                     out_rel=out_rel, out_max=out_max, grad_rel=grad_rel,
-                     grad_rel_worst=grad_rel[worst], grad_worst=worst,
-                     tol_out=CHECK_TOL_OUT, tol_grad=CHECK_TOL_GRAD))
-        ok = ok and passed
-        del xs, ref_xs, out, ref, do, grads, ref_grads
+        where = f"check B={B} T={T} HQ={HQ} H={H} D={D}"
+        try:
+            ok = check_case(rec, B, T, HQ, H, D, hp, dev, dtype) and ok
+        except torch.cuda.OutOfMemoryError as e:
+            raise CheckFailed(f"{where}: out of memory: {str(e)[:300]}") from e
+        except ROW_ERRORS as e:
+            if is_fatal(e):
+                raise FatalCudaError(f"{where}: {type(e).__name__}: {e}") from e
+            raise CheckFailed(f"{where}: {type(e).__name__}: {str(e)[:1000]}") from e
         free_memory()
     return ok
+
+
+def check_case(rec, B, T, HQ, H, D, hp, dev, dtype):
+    """One shape of check_correctness; records a 'check' row and returns whether it passed."""
+    torch.manual_seed(1000 + T)
+    xs = nsa_inputs(B, T, HQ, H, D, hp, dtype=dtype, dev=dev)
+    refusal = kernel_refusal(xs)
+    if refusal is not None:
+        raise CheckFailed(f"check B={B} T={T} HQ={HQ} H={H} D={D}: {refusal}")
+    ref_xs = [x.detach().float().requires_grad_() for x in xs]
+    out = nk.nsa_attention(*xs, **hp)
+    ref = nk.nsa_attention_ref(*ref_xs, **hp)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, xs, do, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, ref_xs, do.float())
+    out_rel, out_max = rel_err(out, ref)
+    finite = bool(torch.isfinite(out).all())
+    grad_rel = {}
+    for name, g, rg in zip(NSA_INPUT_NAMES, grads, ref_grads):
+        if g is None or not bool(torch.isfinite(g).all()):
+            grad_rel[name] = float("inf")
+        else:
+            grad_rel[name] = rel_err(g, rg)[0]
+    worst = max(grad_rel, key=grad_rel.get)
+    passed = finite and out_rel < CHECK_TOL_OUT and grad_rel[worst] < CHECK_TOL_GRAD
+    rec.add(dict(kind="check", case=f"B={B} T={T} HQ={HQ} H={H} D={D} {hp}", ok=passed,
+                 out_rel=out_rel, out_max=out_max, grad_rel=grad_rel,
+                 grad_rel_worst=grad_rel[worst], grad_worst=worst,
+                 tol_out=CHECK_TOL_OUT, tol_grad=CHECK_TOL_GRAD))
+    return passed
 
 
 # ----------------------------------------------------------------------------- kernel mode
@@ -952,8 +970,8 @@ def run_kernel(args, rec):
     if not args.no_check:
         t0 = time.monotonic()
         if not check_correctness(rec, shape, hp):
-            raise SystemExit("correctness check failed: nsa_attention disagrees with "
-                             "nsa_attention_ref (see the lines above); no timings taken")
+            raise CheckFailed("nsa_attention disagrees with nsa_attention_ref (see the "
+                              "[check] lines); no kernel timings taken")
         log(f"check passed in {time.monotonic() - t0:.0f} s (includes Triton compilation)")
     predictor = Predictor()
     branches = has_branch_entry_points()
@@ -1248,20 +1266,30 @@ def main(argv=None):
         f"{rec.env['command']}")
     modes = ["kernel", "decode", "train"] if args.mode == "all" else [args.mode]
     runners = {"kernel": run_kernel, "decode": run_decode, "train": run_train}
-    status = 0
+    status, failures = 0, []
     try:
         for mode in modes:
             t0 = time.monotonic()
-            runners[mode](args, rec)
+            try:
+                runners[mode](args, rec)
+            except CheckFailed as e:
+                # kernel mode stops here; `all` still runs decode and train (one GPU call)
+                failures.append(f"correctness check FAILED, {mode} mode aborted: {e}")
+                log(failures[-1])
+                status = 1
+                continue
             log(f"== {mode} done in {time.monotonic() - t0:.0f} s")
     except FatalCudaError as e:
-        log(f"stopping: the CUDA context failed ({str(e)[:300]}); rows so far are kept")
+        failures.append(f"stopped: the CUDA context failed ({str(e)[:300]}); rows so far kept")
+        log(failures[-1])
         status = 1
     finally:
         rec.save()
         if args.plot and any(r["kind"] == "kernel" for r in rec.rows):
             plot_kernel(rec.rows, args.plot)
         log("\n" + all_tables(rec.rows))
+        for line in failures:
+            log("\n" + line)
         if args.json:
             log(f"\nrows written to {args.json}")
     return status
