@@ -65,8 +65,11 @@ TRAIN_T = [8192, 16384, 32768, 65536]
 TRAIN_MAX_T = 131072                             # the search for the largest context stops here
 QUICK_MAX_T = 16384
 MODE_BUDGET_S = {"kernel": 225, "decode": 80, "train": 170}
-# Dense bf16 tensor-core peaks (datasheet, no sparsity), keyed on a substring of the GPU name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks (datasheet, no sparsity), by a substring of the GPU name, checked
+# in order ("H100 PCIe" before "H100"); the same table as train.py's.
+PEAK_BF16_FLOPS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12),
+                   ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+                   ("L40S", 362e12), ("L4", 121e12)]
 # Long calls are timed one by one with CUDA events: a window of LONG_REP_MS, 3 to 10 calls.
 LONG_REP_MS = 1000.0
 MIN_LONG_REPS, MAX_LONG_REPS = 3, 10
@@ -1135,8 +1138,8 @@ def run_decode(args, rec):
 
 # ----------------------------------------------------------------------------- train mode
 def peak_flops_for(name):
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name.upper():
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
             return peak
     return None
 

@@ -165,6 +165,12 @@ def test_kernel_names_map_to_branches():
         "other (torch ops)"
 
 
+def test_peak_table():
+    assert bench.peak_flops_for("NVIDIA H200") == 989e12
+    assert bench.peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert bench.peak_flops_for("Some Other GPU") is None
+
+
 def test_predictor_extrapolates():
     p = bench.Predictor()
     assert p.predict("x", 8192) is None
