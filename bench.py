@@ -358,8 +358,8 @@ def describe_row(row):
     kind = row["kind"]
     head = f"[{kind}]"
     if kind == "check":
-        return (f"{head} {row['case']}: out rel {row['out_rel']:.2e} (max abs {row['out_max']:.2e}); "
-                f"grad rel worst {row['grad_rel_worst']:.2e} ({row['grad_worst']}) -> "
+        return (f"{head} {row['case']}: out rel {row['out_rel']:.2e} "
+                f"(max abs {row['out_max']:.2e}); grad rel worst {row['grad_rel_worst']:.2e} ({row['grad_worst']}) -> "
                 f"{'OK' if row['ok'] else 'FAIL'}"
                 + ("" if row["ok"] else " all grads: " + ", ".join(
                     f"{k} {v:.2e}" for k, v in row["grad_rel"].items())))
@@ -734,8 +734,9 @@ def run_row(rec, base, make_fn, args, deadline, predictor=None, key=None, flops=
         row.update(status="skipped", error="time budget exhausted (--budget)")
         return rec.add(row)
     fatal = None
+    # keep each distinct warning once (an SDPA backend's refusal says why in warnings)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")
         try:
             fn = make_fn()
             row.update(measure(fn, args, deadline), status="ok")
