@@ -198,3 +198,25 @@ def test_json_is_valid_after_every_row(tmp_path):
     assert json.loads(path.read_text()) == {"env": {}, "rows": []}
     rec.add(fake_rows()[0])
     assert len(json.loads(path.read_text())["rows"]) == 1
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs nsa_kernels' Triton kernels on the CPU interpreter")
+def test_nsa_wrappers_match_the_kernels_api():
+    """bench.py's calls into nsa_kernels (whole call with the check, and each branch alone) on
+    CPU tensors under the interpreter, fp32: catches an API change before a GPU run does."""
+    rec = bench.Recorder(None, {})
+    assert bench.check_correctness(rec, None, SMALL, dev="cpu", dtype=torch.float32,
+                                   cases=[(1, 80, 16, 1, 16)])
+    assert rec.rows[0]["kind"] == "check" and rec.rows[0]["ok"]
+    xs = bench.nsa_inputs(1, 80, 16, 1, 16, SMALL, dtype=torch.float32, dev="cpu")
+    assert bench.kernel_refusal(xs) is None
+    fns = bench.nsa_branch_fns(xs, SMALL, torch.randn_like(xs[0]))
+    assert set(fns) == set(bench.BRANCHES)
+    for branch, passes in fns.items():
+        for pass_, fn in passes.items():
+            assert bench.all_finite(fn()), (branch, pass_)
+    xd = bench.nsa_inputs(2, 80, 16, 1, 16, SMALL, dtype=torch.float32, requires_grad=False,
+                          Tq=1, dev="cpu")
+    for fn in bench.nsa_decode_fns(SMALL).values():
+        assert fn(*xd).shape == (2, 1, 16, 16)
