@@ -359,8 +359,8 @@ def describe_row(row):
     head = f"[{kind}]"
     if kind == "check":
         return (f"{head} {row['case']}: out rel {row['out_rel']:.2e} "
-                f"(max abs {row['out_max']:.2e}); grad rel worst {row['grad_rel_worst']:.2e} ({row['grad_worst']}) -> "
-                f"{'OK' if row['ok'] else 'FAIL'}"
+                f"(max abs {row['out_max']:.2e}); grad rel worst {row['grad_rel_worst']:.2e} "
+                f"({row['grad_worst']}) -> {'OK' if row['ok'] else 'FAIL'}"
                 + ("" if row["ok"] else " all grads: " + ", ".join(
                     f"{k} {v:.2e}" for k, v in row["grad_rel"].items())))
     where = " ".join(f"{k}={fmt_T(row[k]) if k == 'T' else row[k]}"
@@ -525,11 +525,14 @@ def decode_table(rows):
                         if (B, T, i) in index and index[(B, T, i)]["status"] == "ok"),
                        default=None)
         line.append(f"{best_sdpa / best_nsa:.2f}x" if best_sdpa and best_nsa else "-")
+        kv = any_row.get("kv_bytes")
+        line.append(f"{kv / (best_sdpa * 1e-3) / 1e12:.2f}" if kv and best_sdpa else "-")
         line += [f"{any_row['tokens_read_nsa']:.0f}", T,
                  f"{T / any_row['tokens_read_nsa']:.1f}x"]
         lines.append(line)
     headers = (["B", "T"] + [f"{IMPL_LABEL.get(i, i)} us" for i in impls]
-               + ["SDPA / NSA", "tokens read NSA", "tokens read full", "model ratio"])
+               + ["SDPA / NSA", "SDPA KV TB/s", "tokens read NSA", "tokens read full",
+                  "model ratio"])
     return (f"One decoding step, one layer, {sel[0]['shape_desc']}: us per token (median); "
             f"tokens read per step per KV head by the paper's model (T-l)/d + n*l' + w vs T\n\n"
             + markdown_table(headers, lines))
@@ -1104,8 +1107,10 @@ def run_decode(args, rec):
     predictor = Predictor()
     for B in args.batch:
         for T in lengths_for(args, DECODE_T):
+            # kv_bytes: the least full attention reads per step (each cached k and v once)
             base = dict(kind="decode", shape=label, shape_desc=desc, T=T, B=B, HQ=HQ, H=H, D=D,
-                        tokens_read_nsa=decode_tokens_read(T, **hp), tokens_read_full=T)
+                        tokens_read_nsa=decode_tokens_read(T, **hp), tokens_read_full=T,
+                        kv_bytes=2 * B * T * H * D * 2)
             holder = {}
 
             def make_inputs():

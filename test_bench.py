@@ -126,7 +126,8 @@ def fake_rows():
                      groups={"compressed+window (shared kernel)": 900.0}, **{"pass": "fwd"}))
     rows.append(dict(kind="decode", shape="paper", shape_desc="HQ=64 H=4 D=128", T=8192, B=1,
                      impl="nsa_ref", status="ok", ms=0.9, method="events", reps=3,
-                     peak_gib=1.0, finite=True, tokens_read_nsa=2046.0, tokens_read_full=8192))
+                     peak_gib=1.0, finite=True, tokens_read_nsa=2046.0, tokens_read_full=8192,
+                     kv_bytes=2 * 8192 * 4 * 128 * 2))
     rows.append(dict(rows[-1], impl="sdpa_flash", ms=0.018))
     rows.append(dict(kind="train", attention="nsa", T=8192, B=1, model_desc="12 layers",
                      status="ok", ms=300.0, tokens_per_s=27306.0, mfu=0.31, peak_gib=20.0))
@@ -149,7 +150,7 @@ def test_tables_and_json_round_trip(tmp_path):
     assert "| 128k | 180 | OOM | unsupported | - |" in kernel
     assert "_dense_fwd_kernel" in bench.profile_table(rows)
     assert "elementwise" not in bench.profile_table(rows)        # under 1%
-    assert "| 1 | 8k | 900 | 18.0 | 0.02x | 2046 | 8192 | 4.0x |" in bench.decode_table(rows)
+    assert "| 1 | 8k | 900 | 18.0 | 0.02x | 0.93 | 2046 | 8192 | 4.0x |" in bench.decode_table(rows)
     assert "nsa: 8k (next OOM)" in bench.train_table(rows)
     table = [line for line in kernel.splitlines() if line.startswith("|")]
     assert len(table) == 4                                       # header, rule, 2 sizes
