@@ -46,6 +46,7 @@ import warnings
 from datetime import datetime, timezone
 
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 import triton
 import triton.testing
@@ -788,14 +789,12 @@ def nsa_inputs(B, T, HQ, H, D, hp, dtype=torch.bfloat16, requires_grad=True, Tq=
 
 def sdpa_backend(impl):
     """The SDPBackend enum member of an impl name, or None if this torch lacks it."""
-    from torch.nn.attention import SDPBackend
-    return getattr(SDPBackend, SDPA_BACKENDS[impl], None)
+    return getattr(torch.nn.attention.SDPBackend, SDPA_BACKENDS[impl], None)
 
 
 def sdpa_call(q, k, v, backend, causal):
     """SDPA on the model's [B, T, heads, D] layout (as model.full_attention calls it), GQA."""
-    from torch.nn.attention import sdpa_kernel
-    with sdpa_kernel([backend]):
+    with torch.nn.attention.sdpa_kernel([backend]):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                               v.transpose(1, 2), is_causal=causal,
                                               enable_gqa=True)
