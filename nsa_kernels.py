@@ -214,7 +214,7 @@ def _use_triton(q):
 
 # GPU tile settings (bench scripts may change them): rows per dense tile in the forward and
 # the backward, software-pipelining depth
-TUNING = {"fwd_rows": 128, "bwd_rows": 64, "stages": 2}
+TUNING = {"fwd_rows": 128, "bwd_rows": 64, "stages": 2, "select_rows": 256}
 
 
 def _num_warps(rows, D):
@@ -415,13 +415,11 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
         b_s = tl.dot(b_q, tl.trans(b_kc)) * scale_log2                       # [BM, BC]
         m_s = m_r[:, None] & m_c[None, :] & ((o_ci * CSTRIDE + CBLK - 1)[None, :] <= t[:, None])
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_ps = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)                       # [BT, BC] head sum
         if BT * BC * K <= 8192:
-            # few positions (G large): sum the heads first, then weight in registers
-            b_ps = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)                   # [BT, BC]
             b_sc = tl.sum(b_ps[:, :, None] * b_w[None, :, :], 1)              # [BT, K]
-        else:
-            b_sc = tl.dot(b_p, b_w, input_precision="ieee")                   # [BM, K]
-            b_sc = tl.sum(tl.reshape(b_sc, [BT, BG, K]), 1)                   # [BT, K]
+        else:  # BT >= 16 here, so the weighting is a (full-precision) matmul
+            b_sc = tl.dot(b_ps, b_w, input_precision="ieee")                  # [BT, K]
         b_sc = b_sc + 0.                                                      # no -0.0 bits
         o_jj = j0 + o_j                                                       # [K]
         m_elig = (o_j[None, :] < BJ) & (o_jj[None, :] * SBLK <= o_tt[:, None])
@@ -433,13 +431,12 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
         # merge: take the n largest of the running top and the chunk's candidates, largest
         # first, by repeated row maxima (keys are unique but for the -1 fill, so removing the
         # maximum removes one entry); cheaper than two bitonic sorts of [BT, K]
-        b_new = tl.full([BT, K], -1, tl.int64)
+        b_all = tl.reshape(tl.join(b_top, b_key), [BT, 2 * K])                # [BT, 2K]
+        b_top = tl.full([BT, K], -1, tl.int64)
         for i_r in tl.static_range(NSEL):
-            b_max = tl.maximum(tl.max(b_top, 1), tl.max(b_key, 1))          # [BT]
-            b_new = tl.where(o_j[None, :] == i_r, b_max[:, None], b_new)
-            b_top = tl.where(b_top == b_max[:, None], -1, b_top)
-            b_key = tl.where(b_key == b_max[:, None], -1, b_key)
-        b_top = b_new
+            b_max = tl.max(b_all, 1)                                          # [BT]
+            b_top = tl.where(o_j[None, :] == i_r, b_max[:, None], b_top)
+            b_all = tl.where(b_all == b_max[:, None], -1, b_all)
     b_idx = tl.where(b_top >= 0, b_top.to(tl.int32), -1)            # low 32 bits: the block
     p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
     tl.store(idx + p_idx[:, None] + o_j[None, :], b_idx,
@@ -761,7 +758,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
     BG = triton.next_power_of_2(G)
-    BM = max(64, BG)
+    BM = max(TUNING["select_rows"], BG)
     R, M1 = select_block // block_stride, block_len // block_stride - 1
     BC = max(64, triton.next_power_of_2(R + M1))
     BJ = (BC - M1) // R
