@@ -3,12 +3,14 @@ Benchmarks for nanoNSA on one NVIDIA GPU: NSA's Triton kernels against PyTorch's
 (FlashAttention and cuDNN backends), one decoding step with a KV cache, and whole training
 steps of the GPT with NSA or full attention.
 
-    python bench.py kernel --json out/kernel.json --plot out/kernel.png   # ~3 min on an H200
+    python bench.py kernel --json out/kernel.json --plot out/kernel.png   # <= 4 min on an H200
     python bench.py kernel --shape=model                  # heads of config/train_python_8k_nsa.py
-    python bench.py decode --json out/decode.json                         # ~1 min
-    python bench.py train --json out/train.json                           # ~3 min
-    python bench.py all --json out/bench.json --plot out/kernel.png       # the three, ~8 min
+    python bench.py decode --json out/decode.json                         # <= 1.5 min
+    python bench.py train --json out/train.json                           # <= 3 min
+    python bench.py all --json out/bench.json --plot out/kernel.png       # the three, <= 8.5 min
     python bench.py kernel --quick                                        # smoke test, T <= 16k
+
+The upper bounds are the modes' time budgets (--budget): past them no new row starts.
 
 kernel: attention alone, forward and forward+backward, causal, bf16, at T = 4k ... 128k
     (--T 4k,8k,...). Default shape B=1, 64 query heads, 4 KV heads, D=128 with the paper's
