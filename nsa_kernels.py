@@ -23,6 +23,7 @@ Semantics for the query at 0-indexed position t:
  4. selected branch: softmax over the tokens s <= t of the selected blocks;
  5. window branch: softmax over the tokens t - w < s <= t.
 """
+import json
 import math
 import os
 import warnings
@@ -212,13 +213,22 @@ def _use_triton(q):
     return q.is_cuda or (_INTERPRET and q.device.type == "cpu")
 
 
-# GPU tile settings (bench scripts may change them): rows per dense tile in the forward and
-# the backward, software-pipelining depth
-TUNING = {"fwd_rows": 128, "bwd_rows": 64, "stages": 2, "select_rows": 256}
+# GPU tile settings (bench scripts may change them; NSA_TUNING='{"dq_rows": 128}' in the
+# environment overrides them at import): rows (positions x heads) per tile of the dense
+# (compressed, window) forward, dq and dk/dv kernels, keys per forward and dk/dv tile, rows per
+# selection tile and per selected-branch dk/dv chunk, warps of the selected-branch kernels
+# (16 rows each), software-pipelining depth
+TUNING = {"fwd_rows": 128, "fwd_keys": 64, "dq_rows": 64, "dkdv_rows": 64, "dkdv_keys": 64,
+          "select_rows": 256, "slc_dkdv_rows": 64, "slc_warps": 4, "stages": 2}
+TUNING.update(json.loads(os.environ.get("NSA_TUNING", "{}")))
 
 
 def _num_warps(rows, D):
     return 1 if _INTERPRET else (8 if rows * D >= 128 * 128 else 4)
+
+
+def _slc_warps():
+    return 1 if _INTERPRET else TUNING["slc_warps"]
 
 
 def _stages():
@@ -318,13 +328,14 @@ def _dense_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale
 
 @triton.jit
 def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale_log2,
-                           scale, KSTRIDE, KOFF, WINDOW, NSPLIT, ATOMIC: tl.constexpr,
+                           scale, KSTRIDE, KOFF, WINDOW, SLICE, ATOMIC: tl.constexpr,
                            D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dk, dv (fp32) of BN keys of one KV head: loop over the query tiles that can see them.
-    The query range is cut into NSPLIT slices (grid axis 2) whose partial sums meet by atomic
-    adds when NSPLIT > 1, so that the early compressed keys (seen by every later query) do
-    not serialise on one program."""
-    i_k, i_bh, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Grid axis 1 cuts the queries into absolute slices of SLICE positions whose partial sums
+    meet by atomic adds (ATOMIC), so that the early compressed keys, seen by every later
+    query, do not serialise on one program; and since axis 0 (the key tiles) varies fastest,
+    the programs running together read the same query slice, which stays in L2."""
+    i_k, i_sp, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     o_i = i_k * BN + tl.arange(0, BN)
     m_k = o_i < TK
@@ -333,15 +344,14 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
     b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)  # [BN, D]
     b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
     pos = KOFF + o_i * KSTRIDE                                                # [BN]
-    t_beg = KOFF + i_k * BN * KSTRIDE
+    t_beg = tl.maximum(KOFF + i_k * BN * KSTRIDE, i_sp * SLICE)
     t_end = tl.minimum(KOFF + (tl.minimum(i_k * BN + BN, TK) - 1) * KSTRIDE + WINDOW, T)
-    n_tiles = tl.cdiv(tl.maximum(t_end - t_beg, 0), BT)
-    per = tl.cdiv(n_tiles, NSPLIT)
+    t_end = tl.minimum(t_end, i_sp * SLICE + SLICE)
     b_dk = tl.zeros([BN, D], tl.float32)
     b_dv = tl.zeros([BN, D], tl.float32)
     o_r = tl.arange(0, BM)
-    for i_tile in range(i_sp * per, tl.minimum(i_sp * per + per, n_tiles)):
-        t = t_beg + i_tile * BT + o_r // G
+    for t0 in range(t_beg, t_end, BT):
+        t = t0 + o_r // G
         m_r = (o_r < BT * G) & (t < t_end)
         p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
         b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
@@ -358,8 +368,9 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
     p_out = p_key[:, None] * D + o_d[None, :]
     if ATOMIC:
-        tl.atomic_add(dk + p_out, b_dk * scale, mask=m_k[:, None])
-        tl.atomic_add(dv + p_out, b_dv, mask=m_k[:, None])
+        m_out = m_k[:, None] & (t_beg < t_end)
+        tl.atomic_add(dk + p_out, b_dk * scale, mask=m_out)
+        tl.atomic_add(dv + p_out, b_dv, mask=m_out)
     else:
         tl.store(dk + p_out, b_dk * scale, mask=m_k[:, None])
         tl.store(dv + p_out, b_dv, mask=m_k[:, None])
@@ -629,12 +640,13 @@ def _alloc(shape, dtype, device, fill=float("nan")):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows_per_tile(G, D, fwd):
-    """Rows (positions x heads) of a dense tile: at least 64 and all G heads of a position.
-    The interpreter pays per operation, not per element: it gets big tiles."""
+def _rows_per_tile(G, D, kind):
+    """Rows (positions x heads) of a dense tile: TUNING[kind] (64 for D > 128), and at least
+    all G heads of a position. The interpreter pays per operation, not per element: it gets
+    big tiles."""
     if _INTERPRET:
         return max(256, triton.next_power_of_2(G))
-    bm = TUNING["fwd_rows"] if (fwd and D <= 128) else TUNING["bwd_rows"]
+    bm = TUNING[kind] if D <= 128 else 64
     return max(bm, triton.next_power_of_2(G))
 
 
@@ -648,12 +660,13 @@ def _dense_fwd(q, k, v, kstride, koff, window, scale):
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     if TK == 0:
         return o.zero_(), lse.fill_(float("inf"))
-    BM = _rows_per_tile(G, D, fwd=True)
-    BN = 64 if D <= 128 else 32
+    BM = _rows_per_tile(G, D, "fwd_rows")
+    BN = TUNING["fwd_keys"] if D <= 128 and not _INTERPRET else (64 if D <= 128 else 32)
     BT = BM // G
     grid = (triton.cdiv(T, BT), B * H)
     _dense_fwd_kernel[grid](q, k, v, o, lse, T, TK, G, BT, HQ, H, scale * _LOG2E, kstride, koff,
-                            window, D=D, BM=BM, BN=BN, num_warps=_num_warps(BM, D), num_stages=_stages())
+                            window, D=D, BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D),
+                            num_stages=_stages())
     return o, lse
 
 
@@ -667,25 +680,28 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
             dq.zero_()
         return (torch.zeros(k.shape, dtype=torch.float32, device=q.device),
                 torch.zeros(k.shape, dtype=torch.float32, device=q.device))
-    BM = _rows_per_tile(G, D, fwd=False)
+    BM = _rows_per_tile(G, D, "dq_rows")
     BN = 64 if D <= 128 else 32
+    _dense_bwd_dq_kernel[(triton.cdiv(T, BM // G), B * H)](
+        q, k, v, do, lse, delta, dq, T, TK, G, BM // G, HQ, H, scale * _LOG2E, scale, kstride,
+        koff, window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=_num_warps(BM, D),
+        num_stages=_stages())
+    BM = _rows_per_tile(G, D, "dkdv_rows")
+    BN = TUNING["dkdv_keys"] if D <= 128 and not _INTERPRET else BN
     BT = BM // G
-    nw = _num_warps(BM, D)
-    _dense_bwd_dq_kernel[(triton.cdiv(T, BT), B * H)](
-        q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride, koff,
-        window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=_stages())
     # each key tile sees at most min(T, span) query positions; split long ranges
     span = min(T, (BN - 1) * kstride + window)
-    nsplit = max(1, triton.cdiv(span, _CMP_SPLIT_POSITIONS))
+    nsplit = 1 if span <= _CMP_SPLIT_POSITIONS else triton.cdiv(T, _CMP_SPLIT_POSITIONS)
     if nsplit > 1:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     else:
         dk = _alloc(k.shape, torch.float32, q.device)
         dv = _alloc(k.shape, torch.float32, q.device)
-    _dense_bwd_dkdv_kernel[(triton.cdiv(TK, BN), B * H, nsplit)](
+    _dense_bwd_dkdv_kernel[(triton.cdiv(TK, BN), nsplit, B * H)](
         q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride,
-        koff, window, nsplit, ATOMIC=nsplit > 1, D=D, BM=BM, BN=BN, num_warps=nw, num_stages=_stages())
+        koff, window, T if nsplit == 1 else _CMP_SPLIT_POSITIONS, ATOMIC=nsplit > 1, D=D,
+        BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D), num_stages=_stages())
     return dk, dv
 
 
@@ -702,7 +718,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
                                 SBLK=select_block, BS=BS, D=D, BG=BG,
-                                num_warps=_num_warps(BG, D), num_stages=_stages())
+                                num_warps=_slc_warps(), num_stages=_stages())
     return o, lse
 
 
@@ -743,10 +759,10 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
     BG, BS = _slc_tiles(G, select_block)
     _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                    scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
-                                   BS=BS, D=D, BG=BG, num_warps=_num_warps(BG, D), num_stages=_stages())
+                                   BS=BS, D=D, BG=BG, num_warps=_slc_warps(), num_stages=_stages())
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
-    BM = _rows_per_tile(G, D, fwd=False)
+    BM = _rows_per_tile(G, D, "slc_dkdv_rows")
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
         q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
         H, n_blocks, scale * _LOG2E, scale, SBLK=select_block, BS=BS, D=D, BM=BM,
