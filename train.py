@@ -180,7 +180,7 @@ def rng_state(sampler):
 
 def set_rng_state(state, sampler):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -312,6 +312,9 @@ def main(argv):
         from torch.distributed import init_process_group
         bk = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
         init_process_group(backend=bk)
+    if dev.type == "cuda":  # TF32 for any fp32 matmuls left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["seed"])  # same initial weights in every process
     model = GPT(gptconf)
     # each process draws its own batches and dropout masks
