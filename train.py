@@ -498,8 +498,8 @@ def main(argv):
             log(record)
             val_loss = None  # a val loss is logged once, on the first line after it was measured
         if bar is not None:
-            bar.update(1)
             bar.set_postfix(loss=f"{lossf:.3f}", refresh=False)
+            bar.update(1)
         iter_num += 1
 
     if bar is not None:
