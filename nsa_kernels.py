@@ -13,6 +13,27 @@ Public API (shapes: B batch, T tokens, HQ query heads, H key/value heads, G = HQ
     Tc = (T - l) // d + 1 if T >= l else 0; compressed block i summarises tokens [i*d, i*d + l).
     o: [B, T, HQ, D] in q's dtype; scale defaults to D ** -0.5.
 
+nsa_attention runs hand-written Triton kernels (forward and backward of every branch, top-n
+selection in-kernel) for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 was set
+before this module was imported; otherwise, and for valid inputs the kernels do not take
+(queries shorter than keys as in decoding, float64, head dims outside 16/32/64/128/256), it
+runs nsa_attention_ref (on a GPU with a one-time warning). Kernel inputs: fp16, bf16 or fp32
+(fp32 dots run as tf32 on a GPU), any T >= 1, any G >= 1 (tensor-core tiles are full for
+G >= 16), B >= 1. Extra memory of forward + backward: O(T * (HQ*D + H*n)).
+
+Per-branch entry points (Triton, for benchmarks and tests; each differentiable but nsa_select):
+
+    o, lse = compressed_attention(q, k_cmp, v_cmp, block_len=32, block_stride=16)
+        # lse: [B, T, HQ] fp32, base-2 log-sum-exp of the scaled logits (+inf: no block seen)
+    idx = nsa_select(q, k_cmp, lse, block_len=32, block_stride=16, select_block=64, n_select=16)
+        # int32 [B, T, H, n]: forced blocks first, then by score; -1 pads
+    o = selected_attention(q, k, v, idx, select_block=64)
+    o = window_attention(q, k, v, window=512)
+
+nsa_attention = compressed_attention + nsa_select + selected_attention + window_attention +
+a fused gate kernel (o = sum of g_b * o_b; its backward also gives the gate gradients), so the
+branches' times add up to the whole. TUNING holds the GPU tile sizes.
+
 Semantics for the query at 0-indexed position t:
  1. compressed branch: softmax over the blocks i with i*d + l <= t + 1 (zero if there is none);
  2. block scores: selection block j covers [j*l', (j+1)*l'); score[j] sums, over the G query
@@ -217,9 +238,9 @@ def _use_triton(q):
 # environment overrides them at import): rows (positions x heads) per tile of the dense
 # (compressed, window) forward, dq and dk/dv kernels, keys per forward and dk/dv tile, rows per
 # selection tile and per selected-branch dk/dv chunk, warps of the selected-branch kernels
-# (16 rows each), software-pipelining depth
+# (16 rows each) and their pipelining depth, software-pipelining depth of the others
 TUNING = {"fwd_rows": 128, "fwd_keys": 64, "dq_rows": 64, "dkdv_rows": 64, "dkdv_keys": 64,
-          "select_rows": 256, "slc_dkdv_rows": 64, "slc_warps": 4, "stages": 2}
+          "select_rows": 256, "slc_dkdv_rows": 64, "slc_warps": 4, "slc_stages": 2, "stages": 2}
 TUNING.update(json.loads(os.environ.get("NSA_TUNING", "{}")))
 
 
@@ -229,6 +250,10 @@ def _num_warps(rows, D):
 
 def _slc_warps():
     return 1 if _INTERPRET else TUNING["slc_warps"]
+
+
+def _slc_stages():
+    return 1 if _INTERPRET else TUNING["slc_stages"]
 
 
 def _stages():
@@ -278,7 +303,8 @@ def _dense_fwd_kernel(q, k, v, o, lse, T, TK, G, BT, HQ, H, scale_log2, KSTRIDE,
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = b_m_new
     b_l_safe = tl.where(b_l > 0, b_l, 1.)
-    tl.store(o + p_row[:, None] * D + o_d[None, :], (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty),
+    b_o = (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty)
+    tl.store(o + p_row[:, None] * D + o_d[None, :], b_o,
              mask=m_r[:, None])
     tl.store(lse + p_row, tl.where(b_l > 0, b_m + tl.log2(b_l_safe), float("inf")), mask=m_r)
 
@@ -489,7 +515,8 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = b_m_new
     b_l_safe = tl.where(b_l > 0, b_l, 1.)
-    tl.store(o + p_row[:, None] * D + o_d[None, :], (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty),
+    b_o = (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty)
+    tl.store(o + p_row[:, None] * D + o_d[None, :], b_o,
              mask=m_g[:, None])
     tl.store(lse + p_row, tl.where(b_l > 0, b_m + tl.log2(b_l_safe), float("inf")), mask=m_g)
 
@@ -718,7 +745,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
                                 SBLK=select_block, BS=BS, D=D, BG=BG,
-                                num_warps=_slc_warps(), num_stages=_stages())
+                                num_warps=_slc_warps(), num_stages=_slc_stages())
     return o, lse
 
 
@@ -759,7 +786,8 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
     BG, BS = _slc_tiles(G, select_block)
     _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                    scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
-                                   BS=BS, D=D, BG=BG, num_warps=_slc_warps(), num_stages=_stages())
+                                   BS=BS, D=D, BG=BG, num_warps=_slc_warps(),
+                                   num_stages=_slc_stages())
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     BM = _rows_per_tile(G, D, "slc_dkdv_rows")

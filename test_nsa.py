@@ -360,8 +360,8 @@ def test_kernels_selection_matches_reference_scores(B, T, HQ, H, D, cfg, kernel_
     with torch.no_grad():
         _, lse = nk.compressed_attention(q, k_cmp, k_cmp, block_len=cfg["block_len"],
                                          block_stride=cfg["block_stride"])
-    idx = nk.nsa_select(q, k_cmp, lse, **{k: cfg[k] for k in
-                                          ("block_len", "block_stride", "select_block", "n_select")})
+    sel_cfg = {key: cfg[key] for key in ("block_len", "block_stride", "select_block", "n_select")}
+    idx = nk.nsa_select(q, k_cmp, lse, **sel_cfg)
     n, ls = cfg["n_select"], cfg["select_block"]
     assert idx.shape == (B, T, H, n) and idx.dtype == torch.int32
     t = torch.arange(T, device=q.device)[None, :, None, None]
@@ -382,7 +382,8 @@ def test_kernels_selection_matches_reference_scores(B, T, HQ, H, D, cfg, kernel_
         pad = torch.full((*want.shape[:-1], n - want.shape[-1]), float("-inf"), device=q.device)
         want = torch.cat([want, pad], -1)
     finite = torch.isfinite(want)
-    assert (torch.isfinite(got) == finite).all(), f"forced/eligible blocks differ (seed {kernel_seed})"
+    assert (torch.isfinite(got) == finite).all(), \
+        f"forced/eligible blocks differ (seed {kernel_seed})"
     err = (got[finite] - want[finite]).abs()
     tol = 1e-5 if KERNEL_INTERPRET else 1e-2
     assert err.max().item() <= tol * max(want[finite].abs().max().item(), 1.0), \
