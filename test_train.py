@@ -219,13 +219,13 @@ def test_resume_reproduces_losses_exactly(resumed):
 
 def test_sample(resumed, tmp_path):
     (tmp_path / "prompt.txt").write_text("Scene 1.2: the king")
-    p = run("sample.py", f"--out_dir={resumed['whole']}", "--start=FILE:" + str(tmp_path / "prompt.txt"),
-            "--num_samples=2", "--max_new_tokens=12", "--device=cpu", cwd=tmp_path)
+    args = [f"--out_dir={resumed['whole']}", "--start=FILE:" + str(tmp_path / "prompt.txt"),
+            "--num_samples=2", "--max_new_tokens=12", "--device=cpu"]
+    p = run("sample.py", *args, cwd=tmp_path)
     assert p.stdout.count("Scene 1.2: the king") == 2
     assert "tokens/s" in p.stderr
     # the same seed gives the same text
-    q = run("sample.py", f"--out_dir={resumed['whole']}", "--start=FILE:" + str(tmp_path / "prompt.txt"),
-            "--num_samples=2", "--max_new_tokens=12", "--device=cpu", cwd=tmp_path)
+    q = run("sample.py", *args, cwd=tmp_path)
     assert p.stdout == q.stdout
 
 

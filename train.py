@@ -75,7 +75,8 @@ lr_decay_iters = 0         # 0: max_iters
 min_lr = 2e-4
 # system
 device = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-dtype = "auto"             # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
+dtype = "auto"             # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16",
+                           # "float16"
 compile = False            # torch.compile the model
 backend = "auto"           # DDP backend: "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
 seed = 1337
@@ -161,7 +162,8 @@ def get_lr(it, cfg):
     if it >= decay_iters:
         return cfg["min_lr"]
     ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+    coeff = 0.5 * (1 + math.cos(math.pi * ratio))
+    return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
 
 
 def rng_state(sampler):
@@ -180,7 +182,8 @@ def rng_state(sampler):
 
 def set_rng_state(state, sampler):
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if state["cuda"] and torch.cuda.is_available() \
+            and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -206,11 +209,13 @@ def load_checkpoint(path, map_location):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...)
+        first_line = str(e).splitlines()[0] if str(e) else ""
         raise ConfigError(f"checkpoint {path} is corrupt or not a nanoNSA checkpoint "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                          f"({type(e).__name__}: {first_line})") from e
     missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ConfigError(f"checkpoint {path} is not a nanoNSA checkpoint (no {', '.join(missing)})")
+        raise ConfigError(f"checkpoint {path} is not a nanoNSA checkpoint "
+                          f"(no {', '.join(missing)})")
     return ckpt
 
 
@@ -229,9 +234,9 @@ def open_data(cfg):
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
         if not os.path.isfile(path):
+            extra = f" --data_dir {cfg['data_dir']}" if cfg["data_dir"] != "data" else ""
             raise ConfigError(f"{path} not found: prepare the dataset first with "
-                              f"`{prepare_command(cfg['dataset'])}`"
-                              + (f" --data_dir {cfg['data_dir']}" if cfg["data_dir"] != "data" else ""))
+                              f"`{prepare_command(cfg['dataset'])}{extra}`")
         n = os.path.getsize(path) // 2
         if n < cfg["block_size"] + 1:
             raise ConfigError(f"{path} holds {n} tokens, fewer than block_size + 1 = "
@@ -310,7 +315,9 @@ def main(argv):
 
     if ddp:
         from torch.distributed import init_process_group
-        bk = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+        bk = cfg["backend"]
+        if bk == "auto":
+            bk = "nccl" if dev.type == "cuda" else "gloo"
         init_process_group(backend=bk)
     if dev.type == "cuda":  # TF32 for any fp32 matmuls left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -351,7 +358,8 @@ def main(argv):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
 
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}[cfg["dtype"]]
     autocast = nullcontext() if ptdtype == torch.float32 else \
         torch.autocast(device_type=dev.type, dtype=ptdtype)
     peak = peak_flops(torch.cuda.get_device_name(dev)) \
@@ -463,9 +471,8 @@ def main(argv):
         step_loss = loss_sum / accum
         if ddp:
             import torch.distributed as dist
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG if dev.type == "cuda" else dist.ReduceOp.SUM)
-            if dev.type != "cuda":  # gloo has no AVG
-                step_loss /= world_size
+            dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)  # gloo has no AVG
+            step_loss /= world_size
         # .item() syncs once per step: every process sees the same loss and stops together
         lossf = step_loss.item()
         if not math.isfinite(lossf):

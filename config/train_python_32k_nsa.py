@@ -1,7 +1,8 @@
 # NSA at 32k context on Python source (the interpreter's standard library plus installed
 # packages: ~50M tokens), one H200. A query reads ~2k compressed + 1k selected + 512 window keys
 # instead of up to 32k. Full attention at this length is the expensive part NSA avoids.
-#   python prepare_data.py python --with_site_packages && python train.py config/train_python_32k_nsa.py
+#   python prepare_data.py python --with_site_packages
+#   python train.py config/train_python_32k_nsa.py
 out_dir = "out-python-32k-nsa"
 dataset = "python_site"
 

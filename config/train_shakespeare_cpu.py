@@ -1,7 +1,7 @@
-# Tiny GPT on Shakespeare's plays, sized for a laptop CPU (2 cores: about 5 minutes, loss
-# falling from 10.8 to about 6). Flip attention to "full" for the baseline:
+# Tiny GPT on Shakespeare's plays, sized for a laptop CPU (2 cores: about 6 minutes, ~1 s/step;
+# val loss falls from 10.8 to about 5.2). Flip attention to "full" for the baseline:
 #   python prepare_data.py && python train.py config/train_shakespeare_cpu.py
-#   python train.py config/train_shakespeare_cpu.py --attention=full --out_dir=out-shakespeare-cpu-full
+#   python train.py config/train_shakespeare_cpu.py --attention=full --out_dir=out-shakespeare-full
 out_dir = "out-shakespeare-cpu"
 dataset = "shakespeare"
 device = "cpu"
