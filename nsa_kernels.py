@@ -240,7 +240,8 @@ def _use_triton(q):
 # selection tile and per selected-branch dk/dv chunk, warps of the selected-branch kernels
 # (16 rows each) and their pipelining depth, software-pipelining depth of the others
 TUNING = {"fwd_rows": 128, "fwd_keys": 64, "dq_rows": 64, "dkdv_rows": 64, "dkdv_keys": 64,
-          "select_rows": 256, "slc_dkdv_rows": 64, "slc_warps": 4, "slc_stages": 2, "stages": 2}
+          "select_rows": 256, "select_merge": "max", "slc_dkdv_rows": 64, "slc_warps": 4,
+          "slc_stages": 2, "stages": 2}
 TUNING.update(json.loads(os.environ.get("NSA_TUNING", "{}")))
 
 
@@ -406,7 +407,7 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
 def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.constexpr,
                    CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
                    BJ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
-                   BC: tl.constexpr, K: tl.constexpr):
+                   BC: tl.constexpr, K: tl.constexpr, RANK_MERGE: tl.constexpr):
     """Top-n selection blocks for BT positions x G heads of one KV head (BM = BT*BG rows, the G
     heads padded to BG = next_pow2(G)). Recomputes p_cmp = 2^(s2 - lse) chunk by chunk over the
     compressed blocks, maps it onto selection blocks with the overlap weights (a [BC, K] matrix
@@ -469,11 +470,18 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
         # first, by repeated row maxima (keys are unique but for the -1 fill, so removing the
         # maximum removes one entry); cheaper than two bitonic sorts of [BT, K]
         b_all = tl.reshape(tl.join(b_top, b_key), [BT, 2 * K])                # [BT, 2K]
-        b_top = tl.full([BT, K], -1, tl.int64)
-        for i_r in tl.static_range(NSEL):
-            b_max = tl.max(b_all, 1)                                          # [BT]
-            b_top = tl.where(o_j[None, :] == i_r, b_max[:, None], b_top)
-            b_all = tl.where(b_all == b_max[:, None], -1, b_all)
+        if RANK_MERGE:
+            # or in two reductions: an entry's rank is the number of entries above it, and
+            # slot r takes the entry of rank r (all -1 fill shares one rank: max picks -1)
+            b_rank = tl.sum((b_all[:, None, :] > b_all[:, :, None]).to(tl.int32), 2)
+            b_top = tl.max(tl.where(b_rank[:, :, None] == o_j[None, None, :],
+                                    b_all[:, :, None], -1), 1)                # [BT, K]
+        else:
+            b_top = tl.full([BT, K], -1, tl.int64)
+            for i_r in tl.static_range(NSEL):
+                b_max = tl.max(b_all, 1)                                      # [BT]
+                b_top = tl.where(o_j[None, :] == i_r, b_max[:, None], b_top)
+                b_all = tl.where(b_all == b_max[:, None], -1, b_all)
     b_idx = tl.where(b_top >= 0, b_top.to(tl.int32), -1)            # low 32 bits: the block
     p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
     tl.store(idx + p_idx[:, None] + o_j[None, :], b_idx,
@@ -812,7 +820,8 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     _select_kernel[(triton.cdiv(T, BM // BG), B * H)](
         q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
         CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BM=BM, BG=BG,
-        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=_stages())
+        BC=BC, K=K, RANK_MERGE=TUNING["select_merge"] == "rank", num_warps=_num_warps(BM, D),
+        num_stages=_stages())
     return idx
 
 
