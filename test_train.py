@@ -243,17 +243,24 @@ def test_nsa_train_and_sample(work):
 
 
 def test_ddp_gloo(work):
-    """Two CPU processes under torchrun (gloo): only rank 0 logs and saves."""
-    out = work["dir"] / "ddp"
-    p = run("train.py", *train_args(work, out, "--attention=full", "--max_iters=3",
-                                    "--eval_interval=3", "--gradient_accumulation_steps=2",
-                                    "--backend=gloo"),
-            cwd=work["dir"], launcher=[sys.executable, "-m", "torch.distributed.run",
-                                       "--standalone", "--nproc_per_node=2"])
+    """Two CPU processes under torchrun (gloo): only rank 0 logs and saves, and a resumed DDP
+    run (NSA, dropout) repeats the uninterrupted one exactly: every rank's RNG states are kept."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    common = ["--attention=nsa", *NSA_BLOCKS, "--dropout=0.1", "--eval_interval=2",
+              "--lr_decay_iters=4", "--gradient_accumulation_steps=2", "--backend=gloo"]
+    whole, split = work["dir"] / "ddp_whole", work["dir"] / "ddp_split"
+    p = run("train.py", *train_args(work, whole, "--max_iters=4", *common), cwd=work["dir"],
+            launcher=torchrun)
     assert "2 process(es)" in p.stdout and p.stdout.count("training from scratch") == 1
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["iter_num"] == 3 and len(ckpt["rng_states"]) == 2
-    assert sorted(train_losses(out)) == [0, 1, 2]
+    ckpt = torch.load(whole / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 4 and len(ckpt["rng_states"]) == 2
+    assert sorted(train_losses(whole)) == [0, 1, 2, 3]
+    run("train.py", *train_args(work, split, "--max_iters=2", *common), cwd=work["dir"],
+        launcher=torchrun)
+    run("train.py", *train_args(work, split, "--max_iters=4", "--init_from=resume", *common),
+        cwd=work["dir"], launcher=torchrun)
+    assert [(r["iter"], r.get("train_loss"), r.get("val_loss")) for r in read_log(split)] == \
+           [(r["iter"], r.get("train_loss"), r.get("val_loss")) for r in read_log(whole)]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(work):
