@@ -1,11 +1,15 @@
 """
 Train nanoNSA's GPT (NSA or full attention) on a dataset made by prepare_data.py.
 
-    python prepare_data.py && python train.py config/train_shakespeare_cpu.py     # CPU, minutes
-    python train.py config/train_shakespeare_cpu.py --attention=full             # the baseline
-    python prepare_data.py python && python train.py config/train_python_8k_nsa.py   # one GPU
-    torchrun --standalone --nproc_per_node=8 train.py config/train_python_32k_nsa.py # DDP
-    python train.py config/train_shakespeare_cpu.py --init_from=resume            # continue
+    python prepare_data.py && python train.py config/train_shakespeare_cpu.py   # CPU, ~6 min
+    python train.py config/train_shakespeare_cpu.py --attention=full --out_dir=out-shakespeare-full
+    python train.py config/train_shakespeare_cpu.py --init_from=resume --max_iters=600  # continue
+    python prepare_data.py python && python train.py config/train_python_8k_nsa.py  # one GPU
+    python prepare_data.py python --with_site_packages
+    torchrun --standalone --nproc_per_node=8 train.py config/train_python_32k_nsa.py  # DDP
+
+Without a config file, the defaults are the tiny CPU run's, written to out/ (sample.py's
+default), so `python prepare_data.py && python train.py && python sample.py` works as is.
 
 Settings are the globals below; a config file (plain Python assignments) then `--key=value`
 arguments override them, in that order. Values are checked against the default's type.
