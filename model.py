@@ -290,12 +290,13 @@ class GPT(nn.Module):
         return float((1.5 * visible_blocks + selected + window).mean())
 
     def flops_per_token(self, T):
-        """Training FLOPs per token (fwd + bwd = 3x fwd) at context T: 6 per dense parameter,
+        """Training FLOPs per token (fwd + bwd = 3x fwd) at context T: 6 per matmul parameter
+        (the tied embedding counts once, as the LM head),
         φ's parameters once per compressed block and KV head, and attention's 4*D per key per
         query head forward (q·k and p·v)."""
         cfg = self.config
         n_phi = sum(p.numel() for n, p in self.named_parameters() if ".phi_" in n)
-        n_dense = self.get_num_params() - n_phi
+        n_dense = self.get_num_params(non_embedding=False) - n_phi  # lm_head is a matmul
         phi = 6 * n_phi * cfg.n_kv_head / cfg.block_stride
         attn = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * self.attention_keys_per_token(T)
         return 6 * n_dense + phi + attn
