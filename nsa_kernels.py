@@ -237,11 +237,12 @@ def _use_triton(q):
 # GPU tile settings (bench scripts may change them; NSA_TUNING='{"dq_rows": 128}' in the
 # environment overrides them at import): rows (positions x heads) per tile of the dense
 # (compressed, window) forward, dq and dk/dv kernels, keys per forward and dk/dv tile, rows per
-# selection tile and per selected-branch dk/dv chunk, warps of the selected-branch kernels
-# (16 rows each) and their pipelining depth, software-pipelining depth of the others
-TUNING = {"fwd_rows": 128, "fwd_keys": 64, "dq_rows": 64, "dkdv_rows": 64, "dkdv_keys": 64,
-          "select_rows": 256, "select_merge": "max", "slc_dkdv_rows": 64, "slc_warps": 4,
-          "slc_stages": 2, "stages": 2}
+# selected-branch dk/dv chunk, warps of the selected-branch fwd/dq kernels (16 rows each) and
+# their pipelining depth, pipelining depth of the others. Defaults: the fastest of a sweep on an
+# H200 at T=64k (benchmarks/kernels_h200_2026-11-28_v2_sweep.json; 128 keys per dk/dv tile
+# doubled the compressed backward there)
+TUNING = {"fwd_rows": 64, "fwd_keys": 64, "dq_rows": 64, "dkdv_rows": 64, "dkdv_keys": 64,
+          "slc_dkdv_rows": 64, "slc_warps": 2, "slc_stages": 2, "stages": 2}
 TUNING.update(json.loads(os.environ.get("NSA_TUNING", "{}")))
 
 
@@ -407,7 +408,7 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
 def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.constexpr,
                    CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
                    BJ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
-                   BC: tl.constexpr, K: tl.constexpr, RANK_MERGE: tl.constexpr):
+                   BC: tl.constexpr, K: tl.constexpr):
     """Top-n selection blocks for BT positions x G heads of one KV head (BM = BT*BG rows, the G
     heads padded to BG = next_pow2(G)). Recomputes p_cmp = 2^(s2 - lse) chunk by chunk over the
     compressed blocks, maps it onto selection blocks with the overlap weights (a [BC, K] matrix
@@ -453,11 +454,13 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
         b_s = tl.dot(b_q, tl.trans(b_kc)) * scale_log2                       # [BM, BC]
         m_s = m_r[:, None] & m_c[None, :] & ((o_ci * CSTRIDE + CBLK - 1)[None, :] <= t[:, None])
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_ps = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)                       # [BT, BC] head sum
         if BT * BC * K <= 8192:
+            # few positions (G large): sum the heads first, then weight in registers
+            b_ps = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)                   # [BT, BC]
             b_sc = tl.sum(b_ps[:, :, None] * b_w[None, :, :], 1)              # [BT, K]
-        else:  # BT >= 16 here, so the weighting is a (full-precision) matmul
-            b_sc = tl.dot(b_ps, b_w, input_precision="ieee")                  # [BT, K]
+        else:
+            b_sc = tl.dot(b_p, b_w, input_precision="ieee")                   # [BM, K]
+            b_sc = tl.sum(tl.reshape(b_sc, [BT, BG, K]), 1)                   # [BT, K]
         b_sc = b_sc + 0.                                                      # no -0.0 bits
         o_jj = j0 + o_j                                                       # [K]
         m_elig = (o_j[None, :] < BJ) & (o_jj[None, :] * SBLK <= o_tt[:, None])
@@ -469,19 +472,13 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
         # merge: take the n largest of the running top and the chunk's candidates, largest
         # first, by repeated row maxima (keys are unique but for the -1 fill, so removing the
         # maximum removes one entry); cheaper than two bitonic sorts of [BT, K]
-        b_all = tl.reshape(tl.join(b_top, b_key), [BT, 2 * K])                # [BT, 2K]
-        if RANK_MERGE:
-            # or in two reductions: an entry's rank is the number of entries above it, and
-            # slot r takes the entry of rank r (all -1 fill shares one rank: max picks -1)
-            b_rank = tl.sum((b_all[:, None, :] > b_all[:, :, None]).to(tl.int32), 2)
-            b_top = tl.max(tl.where(b_rank[:, :, None] == o_j[None, None, :],
-                                    b_all[:, :, None], -1), 1)                # [BT, K]
-        else:
-            b_top = tl.full([BT, K], -1, tl.int64)
-            for i_r in tl.static_range(NSEL):
-                b_max = tl.max(b_all, 1)                                      # [BT]
-                b_top = tl.where(o_j[None, :] == i_r, b_max[:, None], b_top)
-                b_all = tl.where(b_all == b_max[:, None], -1, b_all)
+        b_new = tl.full([BT, K], -1, tl.int64)
+        for i_r in tl.static_range(NSEL):
+            b_max = tl.maximum(tl.max(b_top, 1), tl.max(b_key, 1))          # [BT]
+            b_new = tl.where(o_j[None, :] == i_r, b_max[:, None], b_new)
+            b_top = tl.where(b_top == b_max[:, None], -1, b_top)
+            b_key = tl.where(b_key == b_max[:, None], -1, b_key)
+        b_top = b_new
     b_idx = tl.where(b_top >= 0, b_top.to(tl.int32), -1)            # low 32 bits: the block
     p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
     tl.store(idx + p_idx[:, None] + o_j[None, :], b_idx,
@@ -810,7 +807,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
     BG = triton.next_power_of_2(G)
-    BM = max(TUNING["select_rows"], BG)
+    BM = max(64, BG)
     R, M1 = select_block // block_stride, block_len // block_stride - 1
     BC = max(64, triton.next_power_of_2(R + M1))
     BJ = (BC - M1) // R
@@ -820,8 +817,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     _select_kernel[(triton.cdiv(T, BM // BG), B * H)](
         q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
         CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BM=BM, BG=BG,
-        BC=BC, K=K, RANK_MERGE=TUNING["select_merge"] == "rank", num_warps=_num_warps(BM, D),
-        num_stages=_stages())
+        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=_stages())
     return idx
 
 

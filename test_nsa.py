@@ -349,17 +349,14 @@ def reference_scores(q, k_cmp, cfg):
 
 
 @needs_kernels
-@pytest.mark.parametrize("B,T,HQ,H,D,cfg,merge", [
-    pytest.param(1, 333, 16, 1, 32, K_SMALL, "max", id="T333-G16-small"),
-    pytest.param(2, 1100, 2, 2, 32, K_SMALL, "max", id="T1100-G1-small-B2"),
-    pytest.param(1, 1100, 4, 2, 64, K_PAPER, "max", id="T1100-G2-paper"),
-    pytest.param(1, 700, 32, 1, 32, K_SMALL, "max", id="T700-G32-small"),
-    pytest.param(1, 1100, 16, 1, 32, K_SMALL, "rank", id="T1100-G16-small-rank-merge"),
-    pytest.param(1, 1100, 4, 2, 64, K_PAPER, "rank", id="T1100-G2-paper-rank-merge"),
+@pytest.mark.parametrize("B,T,HQ,H,D,cfg", [
+    pytest.param(1, 333, 16, 1, 32, K_SMALL, id="T333-G16-small"),
+    pytest.param(2, 1100, 2, 2, 32, K_SMALL, id="T1100-G1-small-B2"),
+    pytest.param(1, 1100, 4, 2, 64, K_PAPER, id="T1100-G2-paper"),
+    pytest.param(1, 1100, 16, 1, 32, K_SMALL, id="T1100-G16-small"),
+    pytest.param(1, 700, 32, 1, 32, K_SMALL, id="T700-G32-small"),
 ])
-def test_kernels_selection_matches_reference_scores(B, T, HQ, H, D, cfg, merge, kernel_seed,
-                                                    monkeypatch):
-    monkeypatch.setitem(nk.TUNING, "select_merge", merge)
+def test_kernels_selection_matches_reference_scores(B, T, HQ, H, D, cfg, kernel_seed):
     q, _, _, k_cmp = kernel_inputs(B, T, HQ, H, D, cfg)[:4]
     with torch.no_grad():
         _, lse = nk.compressed_attention(q, k_cmp, k_cmp, block_len=cfg["block_len"],
