@@ -242,8 +242,7 @@ def _use_triton(q):
 # H200 at T=64k (benchmarks/kernels_h200_2026-11-28_v2_sweep.json; 128 keys per dk/dv tile
 # doubled the compressed backward there)
 TUNING = {"fwd_rows": 64, "fwd_keys": 64, "dq_rows": 64, "dkdv_rows": 64, "dkdv_keys": 64,
-          "slc_dkdv_rows": 64, "slc_warps": 2, "slc_stages": 2, "stages": 2,
-          "select_merge": "insert"}
+          "slc_dkdv_rows": 64, "slc_warps": 2, "slc_stages": 2, "stages": 2}
 TUNING.update(json.loads(os.environ.get("NSA_TUNING", "{}")))
 
 
@@ -409,14 +408,15 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
 def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.constexpr,
                    CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
                    BJ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
-                   BC: tl.constexpr, K: tl.constexpr, SORTED_MERGE: tl.constexpr):
+                   BC: tl.constexpr, K: tl.constexpr):
     """Top-n selection blocks for BT positions x G heads of one KV head (BM = BT*BG rows, the G
     heads padded to BG = next_pow2(G)). Recomputes p_cmp = 2^(s2 - lse) chunk by chunk over the
     compressed blocks, maps it onto selection blocks with the overlap weights (a [BC, K] matrix
     that is the same for every chunk, since chunks start on selection-block boundaries), sums
-    the G heads, and merges the chunk's candidates into a running top-n kept in registers,
-    largest first. A candidate is one int64: the fp32 score's bits (non-negative, so they order like
-    the score) above the block index; ineligible blocks are -1. Only [B, T, H, n] indices leave
+    the G heads, and merges the chunk's candidates into a running top-n kept in registers
+    (unsorted; sorted once at the end). A candidate is one int64: the fp32 score's bits
+    (non-negative, so they order like the score) above the block index; ineligible blocks are
+    NONE. Only [B, T, H, n] indices leave
     the kernel."""
     BT: tl.constexpr = BM // BG
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -475,29 +475,18 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
         b_sc = tl.where(m_forced, float("inf"), b_sc)
         b_key = (b_sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_jj[None, :].to(tl.int64)
         b_key = tl.where(m_elig, b_key, NONE)
-        if SORTED_MERGE:
-            # the n largest of the running top and the chunk, by n rounds of row maxima
-            b_pool = tl.where(b_top == FULL, NONE, b_top)
-            b_new = b_top
-            for i_r in tl.static_range(NSEL):
-                b_max = tl.maximum(tl.max(b_pool, 1), tl.max(b_key, 1))      # [BT]
-                b_new = tl.where(o_j[None, :] == i_r, b_max[:, None], b_new)
-                b_pool = tl.where(b_pool == b_max[:, None], NONE, b_pool)
-                b_key = tl.where(b_key == b_max[:, None], NONE, b_key)
-            b_top = b_new
-        else:
-            # merge: a candidate enters by replacing the smallest member when it is larger. Most
-            # chunks far from the diagonal bring nothing that beats the current n-th best, so the
-            # number of rounds (the most any row of the tile needs) is usually 0 or 1; a sorted
-            # merge would pay n rounds of cross-warp reductions per chunk.
-            b_min = tl.min(b_top, 1)                                              # [BT]
-            n_round = tl.max(tl.sum((b_key > b_min[:, None]).to(tl.int32), 1))
-            for _ in range(n_round):
-                b_best = tl.max(b_key, 1)                                         # [BT]
-                b_min = tl.min(b_top, 1)
-                m_in = (b_best > b_min)[:, None]
-                b_top = tl.where(m_in & (b_top == b_min[:, None]), b_best[:, None], b_top)
-                b_key = tl.where(b_key == b_best[:, None], NONE, b_key)
+        # merge: a candidate enters by replacing the smallest member when it is larger. Most
+        # chunks far from the diagonal bring nothing that beats the current n-th best, so the
+        # number of rounds (the most any row of the tile needs) is usually 0 or 1; a sorted
+        # merge would pay n rounds of cross-warp reductions per chunk.
+        b_min = tl.min(b_top, 1)                                              # [BT]
+        n_round = tl.max(tl.sum((b_key > b_min[:, None]).to(tl.int32), 1))
+        for _ in range(n_round):
+            b_best = tl.max(b_key, 1)                                         # [BT]
+            b_min = tl.min(b_top, 1)
+            m_in = (b_best > b_min)[:, None]
+            b_top = tl.where(m_in & (b_top == b_min[:, None]), b_best[:, None], b_top)
+            b_key = tl.where(b_key == b_best[:, None], NONE, b_key)
     # largest first (the forced blocks, score +inf, lead), empty slots last
     b_out = tl.full([BT, K], -1, tl.int64)
     b_top = tl.where(o_j[None, :] < NSEL, b_top, NONE)
@@ -844,8 +833,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     _select_kernel[(triton.cdiv(T, BM // BG), B * H)](
         q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
         CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BM=BM, BG=BG,
-        BC=BC, K=K, SORTED_MERGE=TUNING["select_merge"] == "sorted",
-        num_warps=_num_warps(BM, D), num_stages=_stages())
+        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=_stages())
     return idx
 
 
