@@ -676,9 +676,11 @@ def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, do_cmp, do
 POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: unwritten shows up
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# dk/dv of the compressed keys: split each key tile's query range into slices of this many
-# positions (atomic adds join them); selected dk/dv: at most this many queries per program
+# dk/dv of the compressed keys: split each key tile's query range into slices of 256 to this
+# many positions (atomic adds join them), enough for about _CMP_SPLIT_PROGRAMS programs;
+# selected dk/dv: at most _SLC_SEGMENT queries per program
 _CMP_SPLIT_POSITIONS = 256 if _INTERPRET else 4096
+_CMP_SPLIT_PROGRAMS = 4096
 _SLC_SEGMENT = 32 if _INTERPRET else 256
 
 
@@ -737,9 +739,13 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
     BM = _rows_per_tile(G, D, "dkdv_rows")
     BN = TUNING["dkdv_keys"] if D <= 128 and not _INTERPRET else BN
     BT = BM // G
-    # each key tile sees at most min(T, span) query positions; split long ranges
+    # each key tile sees at most min(T, span) query positions; split long ranges, into short
+    # slices when there are few key tiles (at 8k, 1 KV head: 8 tiles would be 8 programs)
     span = min(T, (BN - 1) * kstride + window)
-    nsplit = 1 if span <= _CMP_SPLIT_POSITIONS else triton.cdiv(T, _CMP_SPLIT_POSITIONS)
+    tiles = triton.cdiv(TK, BN) * B * H
+    slice_len = min(_CMP_SPLIT_POSITIONS,
+                    max(256, triton.next_power_of_2(triton.cdiv(T * tiles, _CMP_SPLIT_PROGRAMS))))
+    nsplit = 1 if span <= slice_len else triton.cdiv(T, slice_len)
     if nsplit > 1:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
@@ -748,7 +754,7 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
         dv = _alloc(k.shape, torch.float32, q.device)
     _dense_bwd_dkdv_kernel[(triton.cdiv(TK, BN), nsplit, B * H)](
         q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride,
-        koff, window, T if nsplit == 1 else _CMP_SPLIT_POSITIONS, ATOMIC=nsplit > 1, D=D,
+        koff, window, T if nsplit == 1 else slice_len, ATOMIC=nsplit > 1, D=D,
         BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D), num_stages=_stages())
     return dk, dv
 
