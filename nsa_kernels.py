@@ -196,6 +196,7 @@ def nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=3
     return o.transpose(1, 2).to(q.dtype)
 
 
+@torch.compiler.disable  # a torch.compile'd model runs the kernels as they are (graph break)
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32, block_stride=16,
                   select_block=64, n_select=16, window=512, scale=None):
     """NSA forward with autograd. Same arguments, shapes and semantics as nsa_attention_ref:
