@@ -56,6 +56,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 import nsa_kernels as nk
+from train import peak_flops  # the dense bf16 peak of a GPU, by name (train.py's table)
 
 # ----------------------------------------------------------------------------- settings
 PAPER_HP = dict(block_len=32, block_stride=16, select_block=64, n_select=16, window=512)
@@ -68,11 +69,6 @@ TRAIN_T = [8192, 16384, 32768, 65536]
 TRAIN_MAX_T = 131072                             # the search for the largest context stops here
 QUICK_MAX_T = 16384
 MODE_BUDGET_S = {"kernel": 225, "decode": 80, "train": 170}
-# Dense bf16 tensor-core peaks (datasheet, no sparsity), by a substring of the GPU name, checked
-# in order ("H100 PCIe" before "H100"); the same table as train.py's.
-PEAK_BF16_FLOPS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12),
-                   ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-                   ("L40S", 362e12), ("L4", 121e12)]
 # Long calls are timed one by one with CUDA events: a window of LONG_REP_MS, 3 to 10 calls.
 LONG_REP_MS = 1000.0
 MIN_LONG_REPS, MAX_LONG_REPS = 3, 10
@@ -1146,18 +1142,11 @@ def run_decode(args, rec):
 
 
 # ----------------------------------------------------------------------------- train mode
-def peak_flops_for(name):
-    for key, peak in PEAK_BF16_FLOPS:
-        if key in name:
-            return peak
-    return None
-
-
 def run_train(args, rec):
     from model import GPT, GPTConfig
     deadline = Deadline(args.budget or MODE_BUDGET_S["train"])
     fields, source = load_model_fields(args.config)
-    peak = peak_flops_for(torch.cuda.get_device_name(0))
+    peak = peak_flops(torch.cuda.get_device_name(0))
     desc = (f"{fields['n_layer']} layers, n_embd {fields['n_embd']}, {fields['n_head']} query / "
             f"{fields['n_kv_head']} KV heads, from {source}")
     log(f"== train: {desc}; MFU against {peak and f'{peak / 1e12:.0f} TFLOP/s' or 'unknown peak'}")

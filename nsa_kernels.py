@@ -206,8 +206,13 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32, b
         check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride)
         reason = _kernel_unsupported(q, k)
         if reason is None:
+            for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
+                if not g.is_floating_point() or g.device != q.device:
+                    raise ValueError(f"{name} must be a floating tensor on {q.device}, got "
+                                     f"{g.dtype} on {g.device}")
             return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
-                                      block_stride, select_block, n_select, window, scale)
+                                      block_stride, select_block, n_select, window,
+                                      _default_scale(q, scale))
         if q.is_cuda:
             _warn_once(f"nsa_attention: {reason}; using the (slow, O(T^2) memory) PyTorch "
                        f"reference")
@@ -888,21 +893,6 @@ def _warn_once(message):
         warnings.warn(message, stacklevel=3)
 
 
-def _check_triton_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
-                         select_block, n_select, window):
-    check_block_sizes(block_len, block_stride, select_block, n_select, window)
-    B, T, HQ, H, D = check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
-                                  block_len, block_stride)
-    reason = _kernel_unsupported(q, k)
-    if reason is not None:
-        raise ValueError(reason)
-    for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
-        if not g.is_floating_point() or g.device != q.device:
-            raise ValueError(f"{name} must be a floating tensor on {q.device}, got {g.dtype} "
-                             f"on {g.device}")
-    return B, T, HQ, H, D
-
-
 # ----------------------------------------------------------------------------------------------
 # Autograd. _NSAFunction runs the whole layer (the path nsa_attention takes); the per-branch
 # functions below expose each kernel with its own backward, for benchmarks and tests.
@@ -915,9 +905,6 @@ class _NSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
                 select_block, n_select, window, scale):
-        _check_triton_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
-                             block_stride, select_block, n_select, window)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = (
             x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
         o_cmp, lse_cmp = _dense_fwd(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),

@@ -231,21 +231,11 @@ def split_documents(docs, val_fraction, seed):
     return train, val
 
 
-def write_atomic_bin(path, docs):
+def write_atomic(path, write, mode="wb"):
+    """write(f) into a temporary file, then rename it over path: never half a file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        for _, ids in docs:
-            f.write(ids.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_atomic_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -318,8 +308,9 @@ def main(argv=None):
 
     out = os.path.join(args.data_dir, name)
     os.makedirs(out, exist_ok=True)
-    write_atomic_bin(os.path.join(out, "train.bin"), train)
-    write_atomic_bin(os.path.join(out, "val.bin"), val)
+    for filename, part in [("train.bin", train), ("val.bin", val)]:
+        write_atomic(os.path.join(out, filename),
+                     lambda f: f.writelines(ids.tobytes() for _, ids in part))
     lengths = np.array([len(ids) for _, ids in docs])
     meta = {
         **meta_source,
@@ -339,7 +330,9 @@ def main(argv=None):
         "val_fraction": args.val_fraction,
         "seed": args.seed,
     }
-    write_atomic_json(os.path.join(out, "meta.json"), meta)  # last: its counts vouch for the .bins
+    # meta.json last: its counts vouch for the .bin files
+    write_atomic(os.path.join(out, "meta.json"),
+                 lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
     print(f"train: {meta['train_tokens']:,} tokens in {len(train)} documents | "
           f"val: {meta['val_tokens']:,} tokens in {len(val)} documents | "
           f"median document {meta['doc_tokens_median']:,.0f} tokens, max {meta['doc_tokens_max']:,}"

@@ -167,9 +167,9 @@ def test_kernel_names_map_to_branches():
 
 
 def test_peak_table():
-    assert bench.peak_flops_for("NVIDIA H200") == 989e12
-    assert bench.peak_flops_for("NVIDIA H100 PCIe") == 756e12
-    assert bench.peak_flops_for("Some Other GPU") is None
+    assert bench.peak_flops("NVIDIA H200") == 989e12
+    assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench.peak_flops("Some Other GPU") is None
 
 
 def test_predictor_extrapolates():

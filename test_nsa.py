@@ -284,11 +284,8 @@ def kernel_seed(monkeypatch):
 
 def kernel_inputs(B, T, HQ, H, D, cfg):
     """q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win on the kernel device, requiring grad."""
-    Tc = nk.num_compressed_blocks(T, cfg["block_len"], cfg["block_stride"])
-    shapes = [(B, T, HQ, D), (B, T, H, D), (B, T, H, D), (B, Tc, H, D), (B, Tc, H, D)]
-    xs = [torch.randn(s, device=KERNEL_DEVICE) for s in shapes]
-    xs += [torch.rand(B, T, HQ, device=KERNEL_DEVICE) for _ in range(3)]
-    return [x.to(KERNEL_DTYPE).requires_grad_() for x in xs]
+    return random_inputs(B, T, HQ, H, D, cfg, dtype=KERNEL_DTYPE, device=KERNEL_DEVICE,
+                         requires_grad=True)
 
 
 def assert_close(name, got, want, seed, rtol=None):
