@@ -40,11 +40,12 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     attention: str = "nsa"       # "nsa" or "full"
-    block_len: int = 32          # l: tokens per compression block
-    block_stride: int = 16       # d: stride between compression blocks
-    select_block: int = 64       # l': tokens per selection block
-    n_select: int = 16           # n: selected blocks per query, counting 1 initial + 2 local
-    window: int = 512            # w: sliding-window length
+    # NSA's block sizes, defaulting to the paper's (nk.PAPER_HP)
+    block_len: int = nk.PAPER_HP["block_len"]          # l: tokens per compression block
+    block_stride: int = nk.PAPER_HP["block_stride"]    # d: stride between compression blocks
+    select_block: int = nk.PAPER_HP["select_block"]    # l': tokens per selection block
+    n_select: int = nk.PAPER_HP["n_select"]            # n: selected blocks, with 1 initial + 2 local
+    window: int = nk.PAPER_HP["window"]                # w: sliding-window length
     rope_base: float = 10000.0
 
     def __post_init__(self):
@@ -71,33 +72,80 @@ class GPTConfig:
     def head_dim(self):
         return self.n_embd // self.n_head
 
+    def dense_warnings(self):
+        """Messages for NSA settings under which a branch is not sparse at this block_size
+        (NSA then costs more than full attention for the same result); [] if none."""
+        if self.attention != "nsa":
+            return []
+        T, out = self.block_size, []
+        n = nsa_key_counts(T, self.block_len, self.block_stride, self.select_block,
+                           self.n_select, self.window)
+        keys = (f"a query attends to {n['compressed'] / T:.0f} compressed + "
+                f"{n['selected'] / T:.0f} selected + {n['window'] / T:.0f} window keys on "
+                f"average, against {n['causal'] / T:.0f} for full attention")
+        if T < self.block_len:
+            out.append(f"block_size ({T}) < block_len ({self.block_len}): no compression block "
+                       f"ever completes, so selection sees only its forced blocks; {keys}")
+        if self.n_select * self.select_block >= T:
+            out.append(f"n_select * select_block = {self.n_select * self.select_block} >= "
+                       f"block_size ({T}): the selected branch is full attention; {keys}")
+        if self.window >= T:
+            out.append(f"window ({self.window}) >= block_size ({T}): the window branch is full "
+                       f"attention; {keys}")
+        return out
+
 
 def rope(x, pos, base):
-    """Rotate x: [B, T, H, D] at the (possibly fractional) positions pos: [T] (RoFormer)."""
+    """Rotate x: [B, T, H, D] at the (possibly fractional) positions pos: [T], or [B, T] when
+    each sequence has its own (RoFormer)."""
     D = x.shape[-1]
     inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    angle = pos.float()[:, None] * inv_freq[None, :]                        # [T, D/2]
-    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    angle = pos.float()[..., None, None] * inv_freq                         # [(B,) T, 1, D/2]
+    cos, sin = angle.cos(), angle.sin()
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def nsa_key_counts(T, block_len, block_stride, select_block, n_select, window):
+    """Keys each NSA branch attends to, summed over the query positions t = 0 .. T-1 (per
+    sequence and query head), exactly as nsa_attention_ref's masks define them:
+      compressed: blocks i with i*d + l <= t + 1             max(0, (t + 1 - l) // d + 1)
+      selected:   tokens s <= t of the n chosen blocks; all are whole but the current one,
+                  which holds t % l' + 1 tokens               min(t + 1, (n-1)*l' + t % l' + 1)
+      window:     t - w < s <= t                              min(w, t + 1)
+      causal:     s <= t (full attention)                     t + 1"""
+    t = torch.arange(T, dtype=torch.int64)
+    compressed = ((t + 1 - block_len).div(block_stride, rounding_mode="floor") + 1).clamp(min=0)
+    selected = torch.minimum(t + 1, (n_select - 1) * select_block + t % select_block + 1)
+    return {"compressed": int(compressed.sum()), "selected": int(selected.sum()),
+            "window": int((t + 1).clamp(max=window).sum()), "causal": T * (T + 1) // 2}
+
+
 class KVCache:
-    """Decoding state of every layer: per layer a dict of tensors preallocated for the whole
-    context, filled up to `length` tokens (and the number of completed compression blocks)."""
+    """Decoding state of every layer, preallocated for max_len tokens per sequence at the
+    prefill: keys and values (as full attention keeps them) and, with NSA, the compressed keys
+    and values plus a ring of the last block_len raw keys/values of the compressed branch, all a
+    future compression block needs (so NSA costs full attention's cache plus 1/d of it, plus
+    the ring). lengths: int32 [B] on the device, tokens held per sequence (the kernels read it);
+    host_lengths: the same as a list, for bookkeeping without device syncs."""
 
     def __init__(self, n_layer, max_len):
         self.layers = [dict() for _ in range(n_layer)]
         self.max_len = max_len
-        self.length = 0
+        self.lengths = None
+        self.host_lengths = None
 
-    def append(self, layer, name, x, start):
-        """Write x: [B, n, ...] at [start, start + n) of buffer `name`; return the filled part."""
+    def allocate(self, layer, name, like, length):
+        """A zeroed buffer `name` of layer: like's shape with dim 1 replaced by length."""
         store = self.layers[layer]
-        if name not in store:
-            store[name] = x.new_empty(x.shape[0], self.max_len, *x.shape[2:])
-        store[name][:, start:start + x.shape[1]] = x
-        return store[name][:, :start + x.shape[1]]
+        store[name] = like.new_zeros(like.shape[0], length, *like.shape[2:])
+        return store[name]
+
+    def nbytes_per_token(self):
+        """Bytes of cache per token of context, summed over layers (the ring is not per token)."""
+        total = sum(t.numel() * t.element_size() for store in self.layers
+                    for name, t in store.items() if not name.startswith("ring"))
+        return total / (self.max_len * self.layers[0]["k"].shape[0])
 
 
 class Attention(nn.Module):
@@ -122,69 +170,149 @@ class Attention(nn.Module):
             # gates (paper Eq. 5): sigmoid of a linear map of the block input, per head and branch
             self.c_gate = nn.Linear(config.n_embd, 3 * HQ, bias=True)
 
-    def compress(self, x, phi, block_pos):
-        """x: [B, T, H, D] raw keys or values -> [B, Tc, H, D], one per complete block."""
-        cfg = self.config
-        B, T, H, D = x.shape
-        if T < cfg.block_len:
-            return x.new_zeros(B, 0, H, D)
-        blocks = x.unfold(1, cfg.block_len, cfg.block_stride).transpose(-1, -2)  # [B, Tc, H, l, D]
-        return phi((blocks + block_pos.to(x.dtype)).flatten(-2))
-
-    def forward(self, x, cache=None):
+    def project(self, x, pos):
+        """Everything attention needs from x: [B, T, C] at positions pos ([T] or [B, T]):
+        q [B, T, HQ, D] and k, v [B, T, H, D] (RoPE applied to q and k); with NSA also the
+        compressed branch's raw keys and values k_raw, v_raw [B, T, H, D] (not rotated) and the
+        gates g_cmp, g_slc, g_win [B, T, HQ] (None for full attention)."""
         cfg = self.config
         B, T, _ = x.shape
         H, HQ, D = cfg.n_kv_head, cfg.n_head, cfg.head_dim
-        start = cache.length if cache is not None else 0
-        pos = torch.arange(start, start + T, device=x.device)
         q = rope(self.c_q(x).view(B, T, HQ, D), pos, cfg.rope_base)
         k, v = self.c_kv(x).view(B, T, 2, H, D).unbind(2)
         k = rope(k, pos, cfg.rope_base)
-        if cache is not None:
-            k = cache.append(self.layer, "k", k, start)
-            v = cache.append(self.layer, "v", v, start)
         if cfg.attention == "full":
-            y = self.full_attention(q, k, v)
-        else:
-            y = self.nsa(x, q, k, v, cache, start)
-        return self.resid_dropout(self.c_proj(y.reshape(B, T, HQ * D)))
+            return q, k, v, None, None, None
+        k_raw, v_raw = self.c_kv_cmp(x).view(B, T, 2, H, D).unbind(2)
+        gates = torch.sigmoid(self.c_gate(x)).to(q.dtype).view(B, T, 3, HQ).unbind(2)
+        return q, k, v, k_raw, v_raw, gates
 
-    def full_attention(self, q, k, v):
-        """q: [B, Tq, HQ, D] are the last Tq of k, v: [B, T, H, D]'s positions."""
-        Tq, T = q.shape[1], k.shape[1]
-        mask = None
-        if 1 < Tq < T:  # chunk after a cache: causal, aligned at the bottom right
-            mask = torch.ones(Tq, T, dtype=torch.bool, device=q.device).tril(T - Tq)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, is_causal=(Tq == T and Tq > 1),
-                                           enable_gqa=True)
-        return y.transpose(1, 2)
+    def compress(self, k_raw, v_raw):
+        """Raw keys/values [B, T, H, D] -> (k_cmp, v_cmp) [B, Tc, H, D], one per complete
+        compression block i (tokens [i*d, i*d + l))."""
+        cfg = self.config
+        l, d = cfg.block_len, cfg.block_stride
+        B, T, H, D = k_raw.shape
+        Tc = nk.num_compressed_blocks(T, l, d)
+        if Tc == 0:
+            empty = k_raw.new_zeros(B, 0, H, D)
+            return empty, empty
 
-    def nsa(self, x, q, k, v, cache, start):
+        def blocks(x):                                                        # [B * Tc, l, H, D]
+            return x.unfold(1, l, d).permute(0, 1, 4, 2, 3).reshape(B * Tc, l, H, D)
+
+        block = torch.arange(Tc, device=k_raw.device).repeat(B)
+        k_cmp, v_cmp = self.compress_blocks(blocks(k_raw), blocks(v_raw), block)
+        return k_cmp.view(B, Tc, H, D), v_cmp.view(B, Tc, H, D)
+
+    def forward(self, x, cache=None):
+        """x: [B, T, C]. Without a cache: training (all T positions). With a fresh cache: the
+        prefill (it is filled with the T tokens, per-sequence lengths already in cache.lengths);
+        after it: one decoding step (T = 1) per call."""
         cfg = self.config
         B, T, _ = x.shape
-        H, HQ, D = cfg.n_kv_head, cfg.n_head, cfg.head_dim
+        decoding = cache is not None and "k" in cache.layers[self.layer]
+        pos = cache.lengths.long()[:, None] if decoding else torch.arange(T, device=x.device)
+        q, k, v, k_raw, v_raw, gates = self.project(x, pos)
+        k_cmp = v_cmp = None
+        if decoding:
+            y = self.decode(cache, q, k, v, k_raw, v_raw, gates)
+        elif cfg.attention == "full":
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=T > 1,
+                                               enable_gqa=True).transpose(1, 2)
+        else:
+            k_cmp, v_cmp = self.compress(k_raw, v_raw)
+            y = nk.nsa_attention(q, k, v, k_cmp, v_cmp, *gates, **self.nsa_hp())
+        if cache is not None and not decoding:
+            self.prefill(cache, k, v, k_raw, v_raw, k_cmp, v_cmp)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, -1)))
+
+    def nsa_hp(self):
+        cfg = self.config
+        return dict(block_len=cfg.block_len, block_stride=cfg.block_stride,
+                    select_block=cfg.select_block, n_select=cfg.n_select, window=cfg.window)
+
+    def prefill(self, cache, k, v, k_raw, v_raw, k_cmp, v_cmp):
+        """Fill the cache from a prompt [B, T] whose sequence b holds cache.host_lengths[b]
+        tokens (the rest is padding that decoding overwrites)."""
+        cfg, T = self.config, k.shape[1]
+        cache.allocate(self.layer, "k", k, cache.max_len)[:, :T] = k
+        cache.allocate(self.layer, "v", v, cache.max_len)[:, :T] = v
+        if cfg.attention == "full":
+            return
         l, d = cfg.block_len, cfg.block_stride
-        k_raw, v_raw = self.c_kv_cmp(x).view(B, T, 2, H, D).unbind(2)
-        done = nk.num_compressed_blocks(start, l, d)         # blocks already compressed
-        if cache is not None:  # compress only the blocks this step completes
-            k_raw = cache.append(self.layer, "k_raw", k_raw, start)[:, done * d:]
-            v_raw = cache.append(self.layer, "v_raw", v_raw, start)[:, done * d:]
-        k_cmp = self.compress(k_raw, self.phi_k, self.block_pos[0])
-        v_cmp = self.compress(v_raw, self.phi_v, self.block_pos[1])
-        centre = (torch.arange(done, done + k_cmp.shape[1], device=x.device) * d + (l - 1) / 2)
-        k_cmp = rope(k_cmp, centre, cfg.rope_base)
-        if cache is not None:
-            k_cmp = cache.append(self.layer, "k_cmp", k_cmp, done)
-            v_cmp = cache.append(self.layer, "v_cmp", v_cmp, done)
-        g_cmp, g_slc, g_win = torch.sigmoid(self.c_gate(x)).to(q.dtype).view(B, T, 3, HQ).unbind(2)
-        kwargs = dict(block_len=l, block_stride=d, select_block=cfg.select_block,
-                      n_select=cfg.n_select, window=cfg.window)
-        args = (q, k.contiguous(), v.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(),
-                g_cmp.contiguous(), g_slc.contiguous(), g_win.contiguous())
-        if start == 0:  # training and prefill: the Triton kernels on a GPU
-            return nk.nsa_attention(*args, **kwargs)
-        return nk.nsa_attention_ref(*args, **kwargs)  # decoding after a cache: queries at the end
+        n_cmp = nk.num_compressed_blocks(cache.max_len, l, d)
+        cache.allocate(self.layer, "k_cmp", k_raw, n_cmp)[:, :k_cmp.shape[1]] = k_cmp
+        cache.allocate(self.layer, "v_cmp", v_raw, n_cmp)[:, :v_cmp.shape[1]] = v_cmp
+        # the ring holds token s at slot s % l: the last l tokens of each sequence
+        ring_k = cache.allocate(self.layer, "ring_k", k_raw, l)
+        ring_v = cache.allocate(self.layer, "ring_v", v_raw, l)
+        for b, n in enumerate(cache.host_lengths):
+            s = torch.arange(max(0, n - l), n, device=k_raw.device)
+            ring_k[b, s % l], ring_v[b, s % l] = k_raw[b, s], v_raw[b, s]
+
+    def decode(self, cache, q, k, v, k_raw, v_raw, gates):
+        """One decoding step: store the new token at position lengths[b] of each sequence,
+        compress the blocks it completes (φ on those blocks alone), attend."""
+        cfg, store = self.config, cache.layers[self.layer]
+        B = q.shape[0]
+        rows = torch.arange(B, device=q.device)
+        t = cache.lengths.long()                                              # [B] positions
+        store["k"][rows, t], store["v"][rows, t] = k[:, 0], v[:, 0]
+        new_lengths = cache.lengths + 1
+        if cfg.attention == "full":
+            T = max(cache.host_lengths) + 1
+            mask = None
+            if min(cache.host_lengths) + 1 < T:  # unequal lengths: hide each row's padding
+                mask = (torch.arange(T, device=q.device) < new_lengths[:, None])[:, None, None]
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), store["k"][:, :T].transpose(1, 2),
+                store["v"][:, :T].transpose(1, 2), attn_mask=mask, enable_gqa=True)
+            return y.transpose(1, 2)
+        l, d = cfg.block_len, cfg.block_stride
+        store["ring_k"][rows, t % l], store["ring_v"][rows, t % l] = k_raw[:, 0], v_raw[:, 0]
+        done = [b for b, n in enumerate(cache.host_lengths) if n + 1 >= l and (n + 1 - l) % d == 0]
+        if done:
+            sel = torch.tensor(done, device=q.device)
+            first = (new_lengths[sel].long() - l)                             # [n] block starts
+            slots = (first[:, None] + torch.arange(l, device=q.device)) % l  # [n, l] in order
+            block = (first // d)
+            k_cmp, v_cmp = self.compress_blocks(store["ring_k"][sel[:, None], slots],
+                                                store["ring_v"][sel[:, None], slots], block)
+            store["k_cmp"][sel, block], store["v_cmp"][sel, block] = k_cmp, v_cmp
+        return nk.nsa_decode(q, store["k"], store["v"], store["k_cmp"], store["v_cmp"], *gates,
+                             new_lengths, **self.nsa_hp())
+
+    def compress_blocks(self, k_blocks, v_blocks, block):
+        """φ on whole blocks: [n, l, H, D] raw keys/values of compression blocks `block` [n]
+        -> (k_cmp, v_cmp) [n, H, D], the key rotated at its block's centre."""
+        cfg = self.config
+        l, d = cfg.block_len, cfg.block_stride
+
+        def phi(x, mlp, block_pos):
+            x = x.transpose(1, 2) + block_pos.to(x.dtype)                     # [n, H, l, D]
+            return mlp(x.flatten(-2))                                         # [n, H, D]
+
+        k_cmp = phi(k_blocks, self.phi_k, self.block_pos[0])
+        v_cmp = phi(v_blocks, self.phi_v, self.block_pos[1])
+        centre = block * d + (l - 1) / 2
+        return rope(k_cmp[:, None], centre[:, None], cfg.rope_base)[:, 0], v_cmp
+
+    @torch.no_grad()
+    def selection(self, x, t):
+        """The selection blocks the query at position t picks (NSA only): x [B, T, C] is this
+        layer's input for positions 0 .. T-1 (T > t) -> bool [B, H, ceil((t + 1) / l')]."""
+        cfg = self.config
+        B, H = x.shape[0], cfg.n_kv_head
+        q, _, _, k_raw, v_raw, _ = self.project(x[:, :t + 1], torch.arange(t + 1, device=x.device))
+        k_cmp, _ = self.compress(k_raw, v_raw)
+        p_cmp = nk.compressed_probs_ref(q[:, t:], k_cmp, cfg.block_len, cfg.block_stride,
+                                        cfg.head_dim ** -0.5, q_start=t)     # [B, HQ, 1, Tc]
+        selected, _ = nk.select_blocks_ref(p_cmp.view(B, H, -1, 1, p_cmp.shape[-1]), t + 1,
+                                           cfg.block_len, cfg.block_stride, cfg.select_block,
+                                           cfg.n_select, q_start=t)
+        return selected[:, :, 0]
 
 
 class MLP(nn.Module):
@@ -242,26 +370,45 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wte.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx: [B, T] token ids. With targets: (logits [B, T, V], mean cross-entropy loss);
-        without: (logits of the last position [B, 1, V], None). A KVCache makes idx the next T
-        tokens after the cached ones and extends the cache."""
+    def forward(self, idx, targets=None, cache=None, lengths=None):
+        """idx: [B, T] token ids. With targets: (logits [B, T, V], mean cross-entropy loss,
+        targets -1 ignored); without: (logits of each sequence's last position [B, 1, V], None).
+        With a KVCache: a fresh cache is filled by this call (the prefill; lengths [B] gives
+        each row's prompt length when rows are right-padded, default T), and every later call
+        is one decoding step, idx: [B, 1] the next token of each sequence."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+        if cache is not None and cache.lengths is not None:
+            if T != 1:
+                raise ValueError(f"after the prefill, feed one token per sequence, got {T}")
+            if max(cache.host_lengths) + 1 > cache.max_len:
+                raise ValueError(f"the KV cache holds {cache.max_len} tokens and is full")
+        elif T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size "
                              f"{self.config.block_size}")
+        elif cache is not None:
+            host = [T] * B if lengths is None else [int(n) for n in lengths]
+            if len(host) != B or not all(1 <= n <= T for n in host):
+                raise ValueError(f"lengths must be B={B} values in [1, {T}], got {host}")
+            cache.host_lengths = host
         x = self.transformer.drop(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cache)
-        if cache is not None:
-            cache.length += T
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1)
             return logits, loss
+        if cache is not None:
+            last = torch.tensor(cache.host_lengths, device=idx.device) - 1
+            if cache.lengths is None:   # prefill done
+                cache.lengths = last.to(torch.int32) + 1
+            else:                       # one more token per sequence
+                cache.lengths += 1
+                cache.host_lengths = [n + 1 for n in cache.host_lengths]
+                last = None
+            if last is not None:
+                x = x[torch.arange(B, device=idx.device), last][:, None]
         return self.lm_head(x[:, [-1], :]), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -277,17 +424,14 @@ class GPT(nn.Module):
 
     def attention_keys_per_token(self, T):
         """Mean number of keys (and values) a query attends to per head in a length-T sequence,
-        counting the work NSA really does: compressed blocks + top-n scoring (a second q·k_cmp)
-        + selected tokens + window; full attention: causal, (T + 1) / 2."""
+        counting the work NSA really does: compressed blocks + top-n scoring (a second q·k_cmp,
+        half a compressed attention) + selected tokens + window; full attention: (T + 1) / 2."""
         cfg = self.config
-        t = torch.arange(T, dtype=torch.float64)
         if cfg.attention == "full":
-            return float((t + 1).mean())
-        visible_blocks = ((t + 1 - cfg.block_len) // cfg.block_stride + 1).clamp(min=0)
-        selected = torch.minimum(t + 1, torch.full_like(t, cfg.n_select * cfg.select_block))
-        window = torch.minimum(t + 1, torch.full_like(t, cfg.window))
-        # scoring recomputes only q·k_cmp (half of a compressed attention's matmul work)
-        return float((1.5 * visible_blocks + selected + window).mean())
+            return (T + 1) / 2
+        n = nsa_key_counts(T, cfg.block_len, cfg.block_stride, cfg.select_block, cfg.n_select,
+                           cfg.window)
+        return (1.5 * n["compressed"] + n["selected"] + n["window"]) / T
 
     def flops_per_token(self, T):
         """Training FLOPs per token (fwd + bwd = 3x fwd) at context T: 6 per matmul parameter
@@ -308,26 +452,37 @@ class GPT(nn.Module):
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after idx: [B, T] with a KV cache: the prompt is
-        prefilled once, then each step feeds one token; NSA appends a compressed key/value as
-        soon as a compression block completes. When the context fills up, the cache restarts
-        from the last half of it."""
-        if max_new_tokens <= 0:
-            return idx
-        block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer, block_size)
-        feed = idx[:, -block_size:]
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None):
+        """Sample max_new_tokens tokens after each prompt with a KV cache. idx: [B, T]; with
+        lengths [B], row b's prompt is idx[b, :lengths[b]] (right-padded). The prompts are
+        prefilled in one pass (NSA's training kernels), then each step feeds one token per
+        sequence; NSA compresses a block the step it completes. Returns [B, T + max_new_tokens]:
+        row b holds its prompt, then its new tokens, then padding (zeros). When a sequence
+        reaches block_size tokens, the cache restarts from the last half of each sequence."""
+        B, T = idx.shape
+        n = [T] * B if lengths is None else [int(x) for x in lengths]
+        if T > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        out = torch.zeros(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        out[:, :T] = idx
+        rows = torch.arange(B, device=idx.device)
+        cache, keep = None, T
         for _ in range(max_new_tokens):
-            if cache.length + feed.size(1) > block_size:  # context full: restart from its last half
-                cache = KVCache(self.config.n_layer, block_size)
-                feed = idx[:, -max(1, block_size // 2):]
-            logits, _ = self(feed, cache=cache)
+            if cache is None:  # prefill the last `keep` tokens of every sequence
+                prompt = torch.stack([out[b, max(0, n[b] - keep):][:keep] for b in range(B)])
+                cache = KVCache(self.config.n_layer, self.config.block_size)
+                logits, _ = self(prompt, cache=cache, lengths=[min(x, keep) for x in n])
+            else:
+                logits, _ = self(out[rows, torch.tensor(n, device=idx.device) - 1][:, None],
+                                 cache=cache)
             logits = logits[:, -1, :] / max(temperature, 1e-6)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-            feed = idx_next
-        return idx
+            idx_next = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+            out[rows, torch.tensor(n, device=idx.device)] = idx_next[:, 0]
+            n = [x + 1 for x in n]
+            if max(cache.host_lengths) + 1 > self.config.block_size:
+                cache, keep = None, max(1, self.config.block_size // 2)  # full: restart
+        return out
