@@ -21,6 +21,7 @@ Design choices (the paper leaves these open or we depart from it; each is one pl
 import inspect
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -134,6 +135,7 @@ class KVCache:
         self.max_len = max_len
         self.lengths = None
         self.host_lengths = None
+        self.static = False   # set by DecodeGraph: decoding steps read no host values
 
     def allocate(self, layer, name, like, length):
         """A zeroed buffer `name` of layer: like's shape with dim 1 replaced by length."""
@@ -146,6 +148,42 @@ class KVCache:
         total = sum(t.numel() * t.element_size() for store in self.layers
                     for name, t in store.items() if not name.startswith("ring"))
         return total / (self.max_len * self.layers[0]["k"].shape[0])
+
+
+class DecodeGraph:
+    """One decoding step of `model` captured in a CUDA graph and replayed per token: a step
+    of a small batch is hundreds of tiny kernels, bound by launch overhead rather than by the
+    GPU (as gpt-fast and vLLM do). Needs a prefilled cache on a CUDA device; the step then
+    reads no host values (cache.static), so one capture serves every later step.
+    Usage: step = DecodeGraph(model, cache); logits, _ = step(next_tokens [B, 1])."""
+
+    def __init__(self, model, cache):
+        if cache.lengths is None or not cache.lengths.is_cuda:
+            raise ValueError("DecodeGraph needs a cache prefilled on a CUDA device")
+        self.cache, cache.static = cache, True
+        self.tokens = torch.zeros(len(cache.host_lengths), 1, dtype=torch.long,
+                                  device=cache.lengths.device)
+        lengths, host = cache.lengths.clone(), list(cache.host_lengths)
+        # warm-up (Triton compilation) on a side stream, as torch.cuda.graph asks; its writes
+        # land past each sequence's end, where the real steps overwrite them
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(self.tokens, cache=cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        cache.lengths.copy_(lengths)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, _ = model(self.tokens, cache=cache)
+        cache.host_lengths = host  # capturing ran the Python bookkeeping, not the kernels
+
+    def __call__(self, tokens):
+        if max(self.cache.host_lengths) + 1 > self.cache.max_len:
+            raise ValueError(f"the KV cache holds {self.cache.max_len} tokens and is full")
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.cache.host_lengths = [n + 1 for n in self.cache.host_lengths]
+        return self.logits, None
 
 
 class Attention(nn.Module):
@@ -242,7 +280,7 @@ class Attention(nn.Module):
         if cfg.attention == "full":
             return
         l, d = cfg.block_len, cfg.block_stride
-        n_cmp = nk.num_compressed_blocks(cache.max_len, l, d)
+        n_cmp = nk.num_compressed_blocks(cache.max_len, l, d) + 1   # + a spare row (static)
         cache.allocate(self.layer, "k_cmp", k_raw, n_cmp)[:, :k_cmp.shape[1]] = k_cmp
         cache.allocate(self.layer, "v_cmp", v_raw, n_cmp)[:, :v_cmp.shape[1]] = v_cmp
         # the ring holds token s at slot s % l: the last l tokens of each sequence
@@ -254,7 +292,10 @@ class Attention(nn.Module):
 
     def decode(self, cache, q, k, v, k_raw, v_raw, gates):
         """One decoding step: store the new token at position lengths[b] of each sequence,
-        compress the blocks it completes (φ on those blocks alone), attend."""
+        compress the block it completes, attend. With cache.static (CUDA graphs) nothing reads
+        host values: full attention masks the whole cache, and NSA runs φ on every sequence's
+        newest block and stores it only where it is complete (elsewhere into a spare row);
+        otherwise φ runs on the completed blocks alone."""
         cfg, store = self.config, cache.layers[self.layer]
         B = q.shape[0]
         rows = torch.arange(B, device=q.device)
@@ -262,9 +303,9 @@ class Attention(nn.Module):
         store["k"][rows, t], store["v"][rows, t] = k[:, 0], v[:, 0]
         new_lengths = cache.lengths + 1
         if cfg.attention == "full":
-            T = max(cache.host_lengths) + 1
+            T = cache.max_len if cache.static else max(cache.host_lengths) + 1
             mask = None
-            if min(cache.host_lengths) + 1 < T:  # unequal lengths: hide each row's padding
+            if cache.static or min(cache.host_lengths) + 1 < T:  # hide each row's padding
                 mask = (torch.arange(T, device=q.device) < new_lengths[:, None])[:, None, None]
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), store["k"][:, :T].transpose(1, 2),
@@ -272,12 +313,16 @@ class Attention(nn.Module):
             return y.transpose(1, 2)
         l, d = cfg.block_len, cfg.block_stride
         store["ring_k"][rows, t % l], store["ring_v"][rows, t % l] = k_raw[:, 0], v_raw[:, 0]
-        done = [b for b, n in enumerate(cache.host_lengths) if n + 1 >= l and (n + 1 - l) % d == 0]
-        if done:
-            sel = torch.tensor(done, device=q.device)
-            first = (new_lengths[sel].long() - l)                             # [n] block starts
-            slots = (first[:, None] + torch.arange(l, device=q.device)) % l  # [n, l] in order
-            block = (first // d)
+        first = new_lengths.long() - l                                        # [B] block starts
+        complete = (first >= 0) & (first % d == 0)
+        if cache.static:
+            sel, block = rows, torch.where(complete, first // d, store["k_cmp"].shape[1] - 1)
+        else:
+            done = [b for b, n in enumerate(cache.host_lengths) if n + 1 >= l and (n + 1 - l) % d == 0]
+            sel = torch.tensor(done, dtype=torch.long, device=q.device)
+            block = first[sel] // d
+        if sel.numel():
+            slots = (first[sel, None] + torch.arange(l, device=q.device)) % l  # [n, l] in order
             k_cmp, v_cmp = self.compress_blocks(store["ring_k"][sel[:, None], slots],
                                                 store["ring_v"][sel[:, None], slots], block)
             store["k_cmp"][sel, block], store["v_cmp"][sel, block] = k_cmp, v_cmp
@@ -452,13 +497,15 @@ class GPT(nn.Module):
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, lengths=None,
+                 cuda_graph=False):
         """Sample max_new_tokens tokens after each prompt with a KV cache. idx: [B, T]; with
         lengths [B], row b's prompt is idx[b, :lengths[b]] (right-padded). The prompts are
         prefilled in one pass (NSA's training kernels), then each step feeds one token per
         sequence; NSA compresses a block the step it completes. Returns [B, T + max_new_tokens]:
         row b holds its prompt, then its new tokens, then padding (zeros). When a sequence
-        reaches block_size tokens, the cache restarts from the last half of each sequence."""
+        reaches block_size tokens, the cache restarts from the last half of each sequence.
+        cuda_graph: replay each decoding step from a CUDA graph (DecodeGraph)."""
         B, T = idx.shape
         n = [T] * B if lengths is None else [int(x) for x in lengths]
         if T > self.config.block_size:
@@ -473,9 +520,9 @@ class GPT(nn.Module):
                 prompt = torch.stack([out[b, max(0, n[b] - keep):][:keep] for b in range(B)])
                 cache = KVCache(self.config.n_layer, self.config.block_size)
                 logits, _ = self(prompt, cache=cache, lengths=[min(x, keep) for x in n])
+                step = DecodeGraph(self, cache) if cuda_graph else partial(self, cache=cache)
             else:
-                logits, _ = self(out[rows, torch.tensor(n, device=idx.device) - 1][:, None],
-                                 cache=cache)
+                logits = step(out[rows, torch.tensor(n, device=idx.device) - 1][:, None])[0]
             logits = logits[:, -1, :] / max(temperature, 1e-6)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
