@@ -218,33 +218,121 @@ def environment():
 
 
 # ----------------------------------------------------------------------------- passkey task
-# The retrieval test (pinned in README.md): filler text, the needle at a chosen depth, more
-# filler, then the question; the model must continue with the key (greedy, exact match).
+# The retrieval test of issue 12 (pinned in README.md): filler text, the needle at a chosen
+# depth, more filler, the question; the model must continue with the key (greedy, exact
+# match). One document holds all of it and ends with the answer, so the same documents serve
+# the evaluation (eval.py passkey) and the training mix (mix_passkey). Documents are built from
+# token ids: filler, needle, question and answer are encoded apart and concatenated.
+EOT = 50256           # GPT-2's <|endoftext|>: prepare_data.py ends every document with it
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
+KEY_RANGE = (10000, 99999)  # five digits
+BLANK_LINE = "\n\n"   # stands in for a document boundary inside filler (one GPT-2 token)
+
+
+def passkey_parts(encode, key):
+    """(needle, question, answer) token ids of the template for a five-digit key."""
+    if not KEY_RANGE[0] <= key <= KEY_RANGE[1]:
+        raise ValueError(f"key must have five digits ({KEY_RANGE[0]} .. {KEY_RANGE[1]}), "
+                         f"got {key}")
+    return encode(NEEDLE.format(key=key)), encode(QUESTION), encode(ANSWER.format(key=key))
 
 
 def passkey_sample(encode, filler, length, depth, key):
-    """One passkey sequence of exactly `length` tokens whose last tokens are the question.
+    """One passkey document of exactly `length` tokens, the answer's tokens last.
 
-    encode: text -> token ids; filler: 1-D array of token ids, at least `length` long (the
-    sequence's filler is its first tokens: pass a random slice for variety); depth in [0, 1]:
-    the fraction of the filler placed before the needle; key: a 5-digit int.
-    Returns (ids: list of `length` ints, answer: list of ids, needle_pos: index of the needle's
-    first token)."""
-    needle = encode(NEEDLE.format(key=key))
-    question = encode(QUESTION)
-    answer = encode(ANSWER.format(key=key))
-    n_filler = length - len(needle) - len(question)
-    if n_filler < 0:
-        raise ValueError(f"length {length} is shorter than the needle and question "
-                         f"({len(needle) + len(question)} tokens)")
+    encode: text -> token ids; filler: 1-D tensor or numpy array of token ids without EOT (see
+    passkey_filler), at least the filler's share of `length` long: its first tokens are used,
+    so pass a random slice for variety; depth in [0, 1]: the share of the filler placed before
+    the needle (0: the needle opens the document, 1: the question follows it directly); key:
+    five digits.
+    Returns (ids: `length` ints, needle_start: index of the needle's first token,
+    key_positions: indices of the key's tokens in the needle, i.e. where the answer's tokens
+    occur there (both copies), answer_start: index of the answer's first token)."""
+    needle, question, answer = passkey_parts(encode, key)
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+    n_filler = length - len(needle) - len(question) - len(answer)
+    if n_filler < 0:
+        raise ValueError(f"length {length} is shorter than the needle, question and answer "
+                         f"({length - n_filler} tokens)")
     if len(filler) < n_filler:
         raise ValueError(f"need {n_filler} filler tokens, got {len(filler)}")
+    k = len(answer)
+    copies = [i for i in range(len(needle) - k + 1) if needle[i:i + k] == answer]
+    if not copies:
+        raise ValueError(f"the answer's tokens {answer} do not occur in the needle {needle}: "
+                         f"this tokenizer splits the key differently there")
     before = round(depth * n_filler)
-    fill = [int(t) for t in filler[:n_filler]]
-    ids = fill[:before] + needle + fill[before:] + question
-    return ids, answer, before
+    fill = filler[:n_filler].tolist()
+    ids = fill[:before] + needle + fill[before:] + question + answer
+    key_positions = [before + i + j for i in copies for j in range(k)]
+    return ids, before, key_positions, length - k
+
+
+def passkey_filler(data, start, n, encode):
+    """n filler tokens: data[start:start + n] (data: a 1-D numpy array of token ids, e.g. a
+    .bin memmap) as int64, each document boundary (EOT) replaced by a blank line, so that a
+    passkey document is one document: in training, an EOT starts an unrelated one."""
+    if not 0 <= start <= len(data) - n:
+        raise ValueError(f"filler [{start}, {start + n}) is outside the data's {len(data)} tokens")
+    blank = encode(BLANK_LINE)
+    if len(blank) != 1:
+        raise ValueError(f"{BLANK_LINE!r} must encode to one token, got {blank}")
+    tokens = torch.from_numpy(data[start:start + n].astype("int64"))
+    tokens[tokens == EOT] = blank[0]
+    return tokens
+
+
+def mix_passkey(x, y, fraction, generator, filler, encode, min_length=64, max_length=None):
+    """A training batch with passkey documents mixed in (issue 12's training mix).
+
+    x, y: [B, T] int64 CPU token ids, y = x shifted by one (windows of T + 1 tokens, as
+    train.py's get_batch makes them). Each row, independently with probability `fraction`,
+    is rebuilt from its first token as passkey documents packed back to back, each followed
+    by EOT as prepare_data.py ends every document (so the first one starts at position 0, as
+    in eval.py passkey); the row's own text fills the rest once fewer than min_length tokens
+    are left. Per document: a key uniform over five digits; a length log-uniform in
+    [min_length, max_length] (default T; as many documents of 256-512 tokens as of 4k-8k),
+    capped by the room left and raised to the template's own length; a depth uniform in
+    [0, 1]; filler from a uniformly random place of `filler` (1-D numpy token ids: the
+    training split; boundaries become blank lines). The loss falls on every token, as on all
+    training text, so `fraction` is about the share of training tokens in passkey documents.
+    All randomness comes from `generator` (a torch.Generator): the same state gives the same
+    batch, so a run resumed with its sampler's state repeats exactly. Returns new (x, y)."""
+    if x.dim() != 2 or x.shape != y.shape or x.dtype != torch.int64 or x.device.type != "cpu":
+        raise ValueError(f"x and y must be int64 CPU tensors of one shape [B, T], got "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device} and {tuple(y.shape)}")
+    B, T = x.shape
+    max_length = T if max_length is None else max_length
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"passkey fraction must be in [0, 1], got {fraction}")
+    if not 1 <= min_length <= max_length <= T:
+        raise ValueError(f"passkey lengths need 1 <= min_length ({min_length}) <= max_length "
+                         f"({max_length}) <= T ({T})")
+    if len(filler) < max_length:
+        raise ValueError(f"filler holds {len(filler)} tokens, fewer than max_length {max_length}")
+    x, y = x.clone(), y.clone()
+    rows = (torch.rand(B, generator=generator) < fraction).nonzero().flatten().tolist()
+    for row in rows:
+        text = torch.cat([x[row], y[row, -1:]])          # [T + 1]: the row's own window
+        window = text.clone()
+        pos = 0
+        while T - pos >= min_length:                     # room for a document and its EOT
+            key = int(torch.randint(KEY_RANGE[0], KEY_RANGE[1] + 1, (1,), generator=generator))
+            u, depth = torch.rand(2, generator=generator).tolist()
+            hi = min(max_length, T - pos)
+            length = round(min_length * (hi / min_length) ** u)
+            length = max(length, sum(len(p) for p in passkey_parts(encode, key)))
+            if length > T - pos:
+                break
+            start = int(torch.randint(len(filler) - length + 1, (1,), generator=generator))
+            ids = passkey_sample(encode, passkey_filler(filler, start, length, encode), length,
+                                 depth, key)[0]
+            window[pos:pos + length] = torch.tensor(ids)
+            window[pos + length] = EOT
+            pos += length + 1
+        window[pos:] = text[:T + 1 - pos]
+        x[row], y[row] = window[:-1], window[1:]
+    return x, y
