@@ -268,7 +268,8 @@ def environment():
     status = _git("status", "--porcelain", "--untracked-files=no")
     env = {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None
            else None, "python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "cuda": torch.version.cuda,
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         import triton
         env["triton"] = triton.__version__

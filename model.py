@@ -45,7 +45,7 @@ class GPTConfig:
     block_len: int = nk.PAPER_HP["block_len"]          # l: tokens per compression block
     block_stride: int = nk.PAPER_HP["block_stride"]    # d: stride between compression blocks
     select_block: int = nk.PAPER_HP["select_block"]    # l': tokens per selection block
-    n_select: int = nk.PAPER_HP["n_select"]            # n: selected blocks, with 1 initial + 2 local
+    n_select: int = nk.PAPER_HP["n_select"]            # n: selected blocks (1 initial + 2 local)
     window: int = nk.PAPER_HP["window"]                # w: sliding-window length
     rope_base: float = 10000.0
 
@@ -318,7 +318,8 @@ class Attention(nn.Module):
         if cache.static:
             sel, block = rows, torch.where(complete, first // d, store["k_cmp"].shape[1] - 1)
         else:
-            done = [b for b, n in enumerate(cache.host_lengths) if n + 1 >= l and (n + 1 - l) % d == 0]
+            done = [b for b, n in enumerate(cache.host_lengths)
+                    if n + 1 >= l and (n + 1 - l) % d == 0]
             sel = torch.tensor(done, dtype=torch.long, device=q.device)
             block = first[sel] // d
         if sel.numel():

@@ -209,8 +209,10 @@ def train_args(work, out_dir, *extra):
 def resumed(work):
     """An 8-step run, and the same run stopped after 4 steps and resumed to 8 (dropout on, so
     the restored RNG states matter). The resume names only out_dir and the new max_iters: every
-    other setting of the run comes from its checkpoint."""
-    common = ["--attention=full", "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=8"]
+    other setting of the run comes from its checkpoint. Half the rows are passkey documents
+    (issue 12's training mix), drawn from the data sampler: the resume repeats them too."""
+    common = ["--attention=full", "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=8",
+              "--passkey_fraction=0.5", "--passkey_min_length=40"]
     run("train.py", *train_args(work, "whole", "--max_iters=8", *common), cwd=work["dir"])
     run("train.py", *train_args(work, "split", "--max_iters=4", *common), cwd=work["dir"])
     first = read_log(work["dir"] / "split")

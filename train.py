@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (DTYPES, UserError, apply_config, load_checkpoint, peak_bf16_flops,
-                    resolve_device, run_cli, save_checkpoint)
+from common import (DTYPES, UserError, apply_config, get_encoding, load_checkpoint, mix_passkey,
+                    peak_bf16_flops, resolve_device, run_cli, save_checkpoint)
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- settings
@@ -66,6 +66,10 @@ progress = True            # tqdm progress bar
 gradient_accumulation_steps = 1  # total over all DDP processes
 batch_size = 8             # sequences per micro-step per process
 block_size = 256
+# passkey retrieval documents mixed into training (eval.py passkey measures retrieval; README)
+passkey_fraction = 0.0     # chance that a training row is rebuilt from passkey documents
+passkey_min_length = 64    # their lengths are log-uniform in [min, max] tokens
+passkey_max_length = 0     # 0: block_size
 # model (GPTConfig)
 n_layer = 4
 n_head = 4
@@ -192,6 +196,14 @@ def check_settings(cfg):
                 "weight_decay", "grad_clip"):
         if cfg[key] < 0:
             raise UserError(f"{key} must be >= 0, got {cfg[key]}")
+    if not 0.0 <= cfg["passkey_fraction"] <= 1.0:
+        raise UserError(f"passkey_fraction must be in [0, 1], got {cfg['passkey_fraction']}")
+    longest = cfg["passkey_max_length"] or cfg["block_size"]
+    if cfg["passkey_fraction"] and not (1 <= cfg["passkey_min_length"] <= longest
+                                        <= cfg["block_size"]):
+        raise UserError(f"passkey lengths need 1 <= passkey_min_length "
+                        f"({cfg['passkey_min_length']}) <= passkey_max_length ({longest}) <= "
+                        f"block_size ({cfg['block_size']})")
     if cfg["backend"] not in ("auto", "nccl", "gloo"):
         raise UserError(f"backend must be auto, nccl or gloo, got {cfg['backend']!r}")
 
@@ -251,13 +263,16 @@ def check_data(cfg):
 
 
 # ----------------------------------------------------------------------------- pieces of a run
-def get_batch(path, batch_size, block_size, generator, device):
-    """batch_size random windows of block_size + 1 tokens from a .bin; the memmap is reopened
-    each call because a long-lived np.memmap keeps growing its resident memory."""
+def get_batch(path, batch_size, block_size, generator, device, mix=None):
+    """batch_size random windows of block_size + 1 tokens from a .bin, passed through
+    mix(x, y) on the CPU if given (the passkey mix); the memmap is reopened each call because a
+    long-lived np.memmap keeps growing its resident memory."""
     data = np.memmap(path, dtype=np.uint16, mode="r")
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
     x, y = xy[:, :-1], xy[:, 1:]
+    if mix is not None:
+        x, y = mix(x, y)
     if device.type == "cuda":
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
@@ -310,6 +325,18 @@ def all_rng_states(sampler, world_size):
     states = [None] * world_size
     dist.all_gather_object(states, rng_state(sampler))
     return states
+
+
+def passkey_mix(cfg, paths, sampler):
+    """mix(x, y) for get_batch: passkey documents with filler from the training split, drawn
+    from the data sampler (so a resumed run repeats them exactly); None without the mix."""
+    if cfg["passkey_fraction"] == 0:
+        return None
+    encode = get_encoding().encode_ordinary
+    filler = np.memmap(paths["train"], dtype=np.uint16, mode="r")
+    return lambda x, y: mix_passkey(x, y, cfg["passkey_fraction"], sampler, filler, encode,
+                                    cfg["passkey_min_length"],
+                                    cfg["passkey_max_length"] or None)
 
 
 def build(conf, cfg, ckpt, dev, dtype, rank, world_size, say):
@@ -473,6 +500,7 @@ def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start
         if master and cfg["progress"] else None
     say = bar.write if bar is not None else say
     val_loss = None
+    mix = passkey_mix(cfg, paths, sampler)
     try:
         while True:
             # a resumed run was evaluated (and checkpointed) at its first step already
@@ -504,7 +532,7 @@ def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start
 
             lr, t0 = get_lr(iter_num, cfg), time.time()
             lossf = train_step(model, optimizer, scaler, lr, lambda: get_batch(
-                paths["train"], cfg["batch_size"], cfg["block_size"], sampler, dev),
+                paths["train"], cfg["batch_size"], cfg["block_size"], sampler, dev, mix),
                 accum, cfg, autocast, ddp)
             if not math.isfinite(lossf):
                 raise UserError(f"loss is {lossf} at step {iter_num}; stopping before the "
