@@ -5,34 +5,59 @@ Native Sparse Attention (DeepSeek, arXiv 2502.11089): the attention functions na
 
 Public API (shapes: B batch, T tokens, HQ query heads, H key/value heads, G = HQ // H):
 
-    nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32, block_stride=16,
-                  select_block=64, n_select=16, window=512, scale=None) -> o
+    nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len, block_stride,
+                  select_block, n_select, window, scale=None) -> o
     nsa_attention_ref(...same...)      # plain PyTorch; defines the semantics
 
     q: [B, T, HQ, D]    k, v: [B, T, H, D]    k_cmp, v_cmp: [B, Tc, H, D]    g_*: [B, T, HQ]
     Tc = (T - l) // d + 1 if T >= l else 0; compressed block i summarises tokens [i*d, i*d + l).
-    o: [B, T, HQ, D] in q's dtype; scale defaults to D ** -0.5.
+    o: [B, T, HQ, D] in q's dtype; scale defaults to D ** -0.5; the block sizes default to the
+    paper's (PAPER_HP).
 
 nsa_attention runs hand-written Triton kernels (forward and backward of every branch, top-n
 selection in-kernel) for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 was set
-before this module was imported; otherwise, and for valid inputs the kernels do not take
-(queries shorter than keys as in decoding, float64, head dims outside 16/32/64/128/256), it
-runs nsa_attention_ref (on a GPU with a one-time warning). Kernel inputs: fp16, bf16 or fp32
-(fp32 dots run as tf32 on a GPU), any T >= 1, any G >= 1 (tensor-core tiles are full for
-G >= 16), B >= 1. Extra memory of forward + backward: O(T * (HQ*D + H*n)).
+before this module was imported. It runs nsa_attention_ref instead for queries shorter than
+keys (KV-cache decoding, chunked prefill), for CPU tensors without the interpreter, and (with a
+one-time warning on a GPU) for inputs the kernels do not take: float64, head dims outside
+16/32/64/128/256. Kernel inputs: fp16, bf16 or fp32 (fp32 dots run as tf32 on a GPU), any T >= 1,
+any G >= 1 (tensor-core tiles are full for G >= 16), B >= 1. Extra memory of forward +
+backward: O(T * (HQ*D + H*n)).
 
-Per-branch entry points (Triton, for benchmarks and tests; each differentiable but nsa_select):
+Per-branch entry points (Triton only, for benchmarks and tests; each differentiable but
+nsa_select; block-size arguments keyword-only, defaulting to PAPER_HP):
 
-    o, lse = compressed_attention(q, k_cmp, v_cmp, block_len=32, block_stride=16)
+    o, lse = compressed_attention(q, k_cmp, v_cmp, block_len, block_stride)
         # lse: [B, T, HQ] fp32, base-2 log-sum-exp of the scaled logits (+inf: no block seen)
-    idx = nsa_select(q, k_cmp, lse, block_len=32, block_stride=16, select_block=64, n_select=16)
+    idx = nsa_select(q, k_cmp, lse, block_len, block_stride, select_block, n_select)
         # int32 [B, T, H, n]: forced blocks first, then by score; -1 pads
-    o = selected_attention(q, k, v, idx, select_block=64)
-    o = window_attention(q, k, v, window=512)
+    o = selected_attention(q, k, v, idx, select_block)
+    o = window_attention(q, k, v, window)
+
+Decoding (one new token per sequence; the Triton kernels on a GPU, the reference elsewhere):
+
+    nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths, *,
+               block_len, block_stride, select_block, n_select, window, scale=None) -> o
+    nsa_decode_ref(...same...)          # plain PyTorch; defines the semantics
+    nsa_decode_select(q, k_cache, k_cmp_cache, lengths, *, block_len, block_stride,
+                      select_block, n_select, scale=None) -> idx  # the kernels' choice
+
+    q: [B, 1, HQ, D]                  the new query of each sequence (rotated)
+    k_cache, v_cache: [B, Tmax, H, D] token s of sequence b at [b, s]
+    k_cmp_cache, v_cmp_cache: [B, Tcmax, H, D], compressed block i of sequence b at [b, i];
+        rows i < num_compressed_blocks(lengths[b], l, d) must be valid (append a block before
+        the call when the new token completes it); Tcmax >= num_compressed_blocks(Tmax, l, d)
+    g_cmp, g_slc, g_win: [B, 1, HQ]
+    lengths: int32 (or int64) [B] on q's device, tokens in the cache including the new one
+        (the query sits at t = lengths[b] - 1). The kernels read it from device memory (no
+        host sync; the grid depends on shapes only), so a decoding step can be captured in a
+        CUDA graph and replayed after lengths change in place. A length outside [1, Tmax]
+        gives a NaN row there (the reference raises instead).
+    o: [B, 1, HQ, D] in q's dtype; idx: int32 [B, H, n], the chosen selection blocks in
+        increasing order, -1 pads.
 
 nsa_attention = compressed_attention + nsa_select + selected_attention + window_attention +
 a fused gate kernel (o = sum of g_b * o_b; its backward also gives the gate gradients), so the
-branches' times add up to the whole. TUNING holds the GPU tile sizes.
+branches' times add up to the whole. The launchers fix the GPU tile sizes.
 
 Semantics for the query at 0-indexed position t:
  1. compressed branch: softmax over the blocks i with i*d + l <= t + 1 (zero if there is none);
@@ -44,7 +69,6 @@ Semantics for the query at 0-indexed position t:
  4. selected branch: softmax over the tokens s <= t of the selected blocks;
  5. window branch: softmax over the tokens t - w < s <= t.
 """
-import json
 import math
 import os
 import warnings
@@ -54,19 +78,46 @@ import triton
 import triton.language as tl
 
 
+# The paper's hyperparameters (§4.1). Every default in this file, and GPTConfig's, comes from
+# here.
+BLOCK_LEN = 32      # l: tokens per compression block
+BLOCK_STRIDE = 16   # d: stride between compression blocks
+SELECT_BLOCK = 64   # l': tokens per selection block
+N_SELECT = 16       # n: selected blocks per query, counting 1 initial + 2 local
+WINDOW = 512        # w: sliding-window length
+PAPER_HP = dict(block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK,
+                n_select=N_SELECT, window=WINDOW)
+
+
 def num_compressed_blocks(T, block_len, block_stride):
     """Number of complete compression blocks in T tokens: block i covers [i*d, i*d + l)."""
     return (T - block_len) // block_stride + 1 if T >= block_len else 0
 
 
-def check_block_sizes(block_len, block_stride, select_block, n_select, window):
-    """Raise a ValueError naming the rule a block-size setting breaks."""
-    for name, value in [("block_len", block_len), ("block_stride", block_stride),
-                        ("select_block", select_block), ("n_select", n_select), ("window", window)]:
+# ----------------------------------------------------------------------------------------------
+# Input checks. Every public function checks its inputs once, here, with errors that name the
+# problem; the reference, the launchers and the kernels then trust them.
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # kernels on CPU tensors
+_KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_positive(**sizes):
+    for name, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_compression(block_len, block_stride):
+    _check_positive(block_len=block_len, block_stride=block_stride)
     if block_len % block_stride != 0:
         raise ValueError(f"block_stride ({block_stride}) must divide block_len ({block_len})")
+
+
+def _check_selection(block_len, block_stride, select_block, n_select):
+    _check_compression(block_len, block_stride)
+    _check_positive(select_block=select_block, n_select=n_select)
     if select_block % block_stride != 0:
         raise ValueError(f"block_stride ({block_stride}) must divide select_block ({select_block})")
     if n_select < 3:
@@ -74,36 +125,89 @@ def check_block_sizes(block_len, block_stride, select_block, n_select, window):
                          f"got {n_select}")
 
 
-def check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride):
-    """Shape and dtype checks shared by the reference and the kernels. Returns (B, T, HQ, H, D)."""
+def check_block_sizes(block_len, block_stride, select_block, n_select, window):
+    """Raise a ValueError naming the rule a block-size setting breaks."""
+    _check_selection(block_len, block_stride, select_block, n_select)
+    _check_positive(window=window)
+
+
+def _check_keys(q, **keys):
+    """q: [B, T, HQ, D] with T >= 1; keys, by name: tensors of one shape [B, Tk, H, D], H
+    dividing HQ, with q's dtype and device. Returns (B, T, HQ, H, D, Tk)."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, HQ, D], got shape {tuple(q.shape)}")
     B, T, HQ, D = q.shape
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
+    first, k = next(iter(keys.items()))
     if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k must be [B, T, H, D] = [{B}, T, H, {D}], got {tuple(k.shape)}")
-    Tk, H = k.shape[1], k.shape[2]
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if Tk < T:
-        raise ValueError(f"k has {Tk} tokens, fewer than q's {T}")
-    if HQ % H != 0:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({H})")
-    Tc = num_compressed_blocks(Tk, block_len, block_stride)
-    if tuple(k_cmp.shape) != (B, Tc, H, D) or v_cmp.shape != k_cmp.shape:
-        raise ValueError(f"k_cmp and v_cmp must be [B, Tc, H, D] = [{B}, {Tc}, {H}, {D}] "
-                         f"(Tc = (T - block_len) // block_stride + 1), got "
-                         f"{tuple(k_cmp.shape)} and {tuple(v_cmp.shape)}")
-    for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
-        if tuple(g.shape) != (B, T, HQ):
-            raise ValueError(f"{name} must be [B, T, HQ] = [{B}, {T}, {HQ}], got {tuple(g.shape)}")
-    for name, x in [("k", k), ("v", v), ("k_cmp", k_cmp), ("v_cmp", v_cmp)]:
+        raise ValueError(f"{first} must be [B, T, H, D] = [{B}, T, H, {D}], got {tuple(k.shape)}")
+    for name, x in keys.items():
+        if x.shape != k.shape:
+            raise ValueError(f"{name} must have {first}'s shape {tuple(k.shape)}, got "
+                             f"{tuple(x.shape)}")
         if x.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {x.dtype}, q has {q.dtype}: they must match")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device}, q on {q.device}: they must match")
-    return B, T, HQ, H, D
+    Tk, H = k.shape[1], k.shape[2]
+    if HQ % H != 0:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({H})")
+    return B, T, HQ, H, D, Tk
+
+
+def _check_compressed_keys(k_cmp, T, block_len, block_stride):
+    Tc = num_compressed_blocks(T, block_len, block_stride)
+    if k_cmp.shape[1] != Tc:
+        raise ValueError(f"k_cmp has {k_cmp.shape[1]} blocks, T={T} makes {Tc} "
+                         f"(Tc = (T - block_len) // block_stride + 1, or 0 if T < block_len)")
+
+
+def _check_same_length(q, k):
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"q and k must have the same length, got {q.shape[1]}, {k.shape[1]}")
+
+
+def _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
+                      select_block, n_select, window):
+    """The checks of nsa_attention and nsa_attention_ref: q may be the last Tq <= T positions."""
+    check_block_sizes(block_len, block_stride, select_block, n_select, window)
+    B, Tq, HQ, H, D, T = _check_keys(q, k=k, v=v)
+    if T < Tq:
+        raise ValueError(f"k has {T} tokens, fewer than q's {Tq}")
+    _check_keys(q, k_cmp=k_cmp, v_cmp=v_cmp)
+    if k_cmp.shape[2] != H:
+        raise ValueError(f"k_cmp has {k_cmp.shape[2]} heads, k has {H}: they must match")
+    _check_compressed_keys(k_cmp, T, block_len, block_stride)
+    for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
+        if tuple(g.shape) != (B, Tq, HQ):
+            raise ValueError(f"{name} must be [B, T, HQ] = [{B}, {Tq}, {HQ}], got "
+                             f"{tuple(g.shape)}")
+        if not g.is_floating_point() or g.device != q.device:
+            raise ValueError(f"{name} must be a floating tensor on {q.device}, got {g.dtype} "
+                             f"on {g.device}")
+
+
+def _kernel_unsupported(q):
+    """Why the kernels cannot take q's device, dtype or head dim (None if they can)."""
+    if not (q.is_cuda or (_INTERPRET and q.device.type == "cpu")):
+        return (f"the Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+                f"set before importing nsa_kernels; got {q.device}")
+    if q.dtype not in _KERNEL_DTYPES:
+        return f"the kernels take float16, bfloat16 or float32, got {q.dtype}"
+    if q.shape[-1] not in _KERNEL_HEAD_DIMS:
+        return f"the kernels need head dim D in {_KERNEL_HEAD_DIMS}, got {q.shape[-1]}"
+    return None
+
+
+def _check_kernel_inputs(q, **keys):
+    """_check_keys for the per-branch functions, which have no fallback: they also raise for
+    inputs the kernels do not take."""
+    shape = _check_keys(q, **keys)
+    reason = _kernel_unsupported(q)
+    if reason is not None:
+        raise ValueError(reason)
+    return shape
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,14 +261,16 @@ def select_blocks_ref(p_cmp, T, block_len, block_stride, select_block, n_select,
     return selected, score
 
 
-def nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32,
-                      block_stride=16, select_block=64, n_select=16, window=512, scale=None):
+def nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=BLOCK_LEN,
+                      block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT,
+                      window=WINDOW, scale=None):
     """Plain-PyTorch NSA; see the module docstring. q: [B, Tq, HQ, D] are the last Tq positions
     of k, v: [B, T, H, D]; k_cmp, v_cmp: [B, Tc, H, D]; g_*: [B, Tq, HQ] -> o: [B, Tq, HQ, D]."""
-    check_block_sizes(block_len, block_stride, select_block, n_select, window)
-    B, Tq, HQ, H, D = check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
-                                   block_len, block_stride)
-    T, G = k.shape[1], HQ // H
+    _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
+                      select_block, n_select, window)
+    B, Tq, HQ, D = q.shape
+    T, H = k.shape[1], k.shape[2]
+    G = HQ // H
     scale = D ** -0.5 if scale is None else scale
     q_start = T - Tq
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -197,19 +303,17 @@ def nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=3
 
 
 @torch.compiler.disable  # a torch.compile'd model runs the kernels as they are (graph break)
-def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32, block_stride=16,
-                  select_block=64, n_select=16, window=512, scale=None):
+def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=BLOCK_LEN,
+                  block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT,
+                  window=WINDOW, scale=None):
     """NSA forward with autograd. Same arguments, shapes and semantics as nsa_attention_ref:
-    q: [B, T, HQ, D], k, v: [B, T, H, D], k_cmp, v_cmp: [B, Tc, H, D], g_*: [B, T, HQ]."""
-    if _use_triton(q):
-        check_block_sizes(block_len, block_stride, select_block, n_select, window)
-        check_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride)
-        reason = _kernel_unsupported(q, k)
+    q: [B, Tq, HQ, D], k, v: [B, T, H, D], k_cmp, v_cmp: [B, Tc, H, D], g_*: [B, Tq, HQ].
+    Runs the kernels when Tq == T and they take the inputs, else the reference."""
+    _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
+                      select_block, n_select, window)
+    if q.shape[1] == k.shape[1]:   # decoding (queries shorter than keys) is the reference's
+        reason = _kernel_unsupported(q)
         if reason is None:
-            for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
-                if not g.is_floating_point() or g.device != q.device:
-                    raise ValueError(f"{name} must be a floating tensor on {q.device}, got "
-                                     f"{g.dtype} on {g.device}")
             return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
                                       block_stride, select_block, n_select, window,
                                       _default_scale(q, scale))
@@ -231,64 +335,119 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=32, b
 # Logits are kept in the base-2 domain (s2 = q.k * scale * log2(e)); every saved log-sum-exp
 # `lse` is log2(sum 2^s2) and is +inf for a row that sees no key (its output is 0).
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30        # "window" of the compressed branch: every earlier block is visible
 
 
-def _use_triton(q):
-    return q.is_cuda or (_INTERPRET and q.device.type == "cpu")
+# Pieces shared by the dense (compressed, window) and the selected-branch kernels, as the
+# Triton tutorial's _attn_fwd_inner. Each kernel loads its tiles and computes the logits
+# b_s = q.k * scale * log2(e) itself; the _step helpers take it from there, with the mask m_s
+# of the (row, key) pairs that attend. (The interpreter pays ~0.2 ms per helper call, about as
+# much as a tile load, so the per-block loops load their key tiles themselves.)
 
-
-# GPU tile settings (bench scripts may change them; NSA_TUNING='{"dq_rows": 128}' in the
-# environment overrides them at import): rows (positions x heads) per tile of the dense
-# (compressed, window) forward, dq and dk/dv kernels, keys per forward and dk/dv tile, rows per
-# selected-branch dk/dv chunk, warps of the selected-branch fwd/dq kernels (16 rows each) and
-# their pipelining depth, pipelining depth of the others. Defaults: the fastest of a sweep on an
-# H200 at T=64k (benchmarks/kernels_h200_2026-11-28_v2_sweep.json; 128 keys per dk/dv tile
-# doubled the compressed backward there)
-TUNING = {"fwd_rows": 64, "fwd_keys": 64, "dq_rows": 64, "dkdv_rows": 64, "dkdv_keys": 64,
-          "slc_dkdv_rows": 64, "slc_warps": 2, "slc_stages": 2, "stages": 2}
-TUNING.update(json.loads(os.environ.get("NSA_TUNING", "{}")))
-
-
-def _num_warps(rows, D):
-    return 1 if _INTERPRET else (8 if rows * D >= 128 * 128 else 4)
-
-
-def _slc_warps():
-    return 1 if _INTERPRET else TUNING["slc_warps"]
-
-
-def _slc_stages():
-    return 1 if _INTERPRET else TUNING["slc_stages"]
-
-
-def _stages():
-    return 1 if _INTERPRET else TUNING["stages"]
+@triton.jit
+def _load_bwd_rows(q, do, lse, delta, p_row, m_row, D: tl.constexpr):
+    """The query side of a backward tile: q, do [rows, D] and lse, delta [rows]."""
+    o_d = tl.arange(0, D)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_lse = tl.load(lse + p_row, mask=m_row, other=float("inf"))
+    b_delta = tl.load(delta + p_row, mask=m_row, other=0.)
+    return b_q, b_do, b_lse, b_delta
 
 
 @triton.jit
-def _dense_fwd_kernel(q, k, v, o, lse, T, TK, G, BT, HQ, H, scale_log2, KSTRIDE, KOFF, WINDOW,
+def _query_rows(t0, t_end, i_b, i_h, T, HQ, G, BT, BM: tl.constexpr):
+    """The BM rows of a dense tile: positions t0 .. t0 + BT - 1 (those < t_end) x the G heads
+    of KV head i_h. Returns the positions t, the row mask and the row ids into [B*T*HQ]."""
+    o_r = tl.arange(0, BM)
+    t = t0 + o_r // G                                                         # [BM]
+    m_r = (o_r < BT * G) & (t < t_end)
+    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+    return t, m_r, p_row
+
+
+@triton.jit
+def _key_range(t_lo, BT, T, TK, KSTRIDE, KOFF, W):
+    """Keys i visible to some position of the tile t_lo .. t_lo + BT - 1: [i_start, i_end)."""
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    # division is C-style, so keep numerators >= 0
+    i_start = tl.maximum(t_lo - W - KOFF + KSTRIDE, 0) // KSTRIDE
+    i_end = tl.minimum(tl.maximum(t_hi - KOFF + KSTRIDE, 0) // KSTRIDE, TK)
+    return i_start, i_end
+
+
+@triton.jit
+def _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc):
+    """Online softmax over one key tile: fold the logits b_s [rows, keys] where m_s, and the
+    values b_v [keys, D], into the running max b_m, sum b_l and unnormalised output b_acc."""
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # a row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def _store_attention(o, lse, p_row, m_row, b_m, b_l, b_acc, D: tl.constexpr):
+    """o = b_acc / b_l and lse = b_m + log2(b_l); 0 and +inf for rows that saw no key."""
+    b_l_safe = tl.where(b_l > 0, b_l, 1.)
+    b_o = (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty)
+    o_d = tl.arange(0, D)
+    tl.store(o + p_row[:, None] * D + o_d[None, :], b_o, mask=m_row[:, None])
+    tl.store(lse + p_row, tl.where(b_l > 0, b_m + tl.log2(b_l_safe), float("inf")), mask=m_row)
+
+
+@triton.jit
+def _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v):
+    """dq += dS k over one key tile: P = 2^(s - lse) from the saved lse, dS = P * (do v^T -
+    delta) with delta = rowsum(do * o)."""
+    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)                  # [rows, keys]
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    return b_dq
+
+
+@triton.jit
+def _store_dq(dq, b_dq, p_row, m_row, scale, ACCUM: tl.constexpr, D: tl.constexpr):
+    """dq (fp32) = b_dq * scale, added to what an earlier branch wrote there if ACCUM."""
+    b_dq = b_dq * scale
+    o_d = tl.arange(0, D)
+    p_dq = dq + p_row[:, None] * D + o_d[None, :]
+    if ACCUM:
+        b_dq += tl.load(p_dq, mask=m_row[:, None], other=0.)
+    tl.store(p_dq, b_dq, mask=m_row[:, None])
+
+
+@triton.jit
+def _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v):
+    """dv += P^T do and dk += dS^T q (unscaled) over one tile of query rows; P and dS as in
+    _dq_step."""
+    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)                  # [rows, keys]
+    b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _dense_fwd_kernel(q, k, v, o, lse, T, TK, G, BT, HQ, H, scale_log2, KSTRIDE, KOFF, W,
                       D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Causal attention of BT positions x G heads (BM rows) over keys i whose position
-    KOFF + i*KSTRIDE lies in (t - WINDOW, t]. Compressed branch: KSTRIDE=d, KOFF=l-1 (block i
-    ends at i*d + l - 1); window branch: KSTRIDE=1, KOFF=0."""
+    KOFF + i*KSTRIDE lies in (t - W, t]. Compressed branch: KSTRIDE=d, KOFF=l-1 (block i
+    ends at i*d + l - 1), W unbounded; window branch: KSTRIDE=1, KOFF=0, W=w."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_r = tl.arange(0, BM)
-    t = i_t * BT + o_r // G                                                   # [BM]
-    m_r = (o_r < BT * G) & (t < T)
-    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)            # [BM] row ids
+    t, m_r, p_row = _query_rows(i_t * BT, T, i_b, i_h, T, HQ, G, BT, BM)
     o_d = tl.arange(0, D)
     b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)  # [BM, D]
-
-    t_lo = i_t * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    # keys visible to some row of the tile; division is C-style, so keep numerators >= 0
-    i_start = tl.maximum(t_lo - WINDOW - KOFF + KSTRIDE, 0) // KSTRIDE
-    i_end = tl.minimum(tl.maximum(t_hi - KOFF + KSTRIDE, 0) // KSTRIDE, TK)
-
+    i_start, i_end = _key_range(i_t * BT, BT, T, TK, KSTRIDE, KOFF, W)
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.zeros([BM], tl.float32)
     b_acc = tl.zeros([BM, D], tl.float32)
@@ -300,45 +459,23 @@ def _dense_fwd_kernel(q, k, v, o, lse, T, TK, G, BT, HQ, H, scale_log2, KSTRIDE,
         b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
         pos = KOFF + o_i * KSTRIDE
-        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - WINDOW)
-        b_s = tl.where(m_s, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # a row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_m_new
-    b_l_safe = tl.where(b_l > 0, b_l, 1.)
-    b_o = (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty)
-    tl.store(o + p_row[:, None] * D + o_d[None, :], b_o,
-             mask=m_r[:, None])
-    tl.store(lse + p_row, tl.where(b_l > 0, b_m + tl.log2(b_l_safe), float("inf")), mask=m_r)
+        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
+        b_m, b_l, b_acc = _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc)
+    _store_attention(o, lse, p_row, m_r, b_m, b_l, b_acc, D)
 
 
 @triton.jit
 def _dense_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale_log2, scale,
-                         KSTRIDE, KOFF, WINDOW, ACCUM: tl.constexpr,
+                         KSTRIDE, KOFF, W, ACCUM: tl.constexpr,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dq of _dense_fwd_kernel's attention; same tiling. dq is fp32 and owned by this program's
     rows (no atomics); ACCUM adds to what an earlier branch wrote there."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_r = tl.arange(0, BM)
-    t = i_t * BT + o_r // G
-    m_r = (o_r < BT * G) & (t < T)
-    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+    t, m_r, p_row = _query_rows(i_t * BT, T, i_b, i_h, T, HQ, G, BT, BM)
     o_d = tl.arange(0, D)
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))               # [BM]
-    b_delta = tl.load(delta + p_row, mask=m_r, other=0.)
-
-    t_lo = i_t * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    i_start = tl.maximum(t_lo - WINDOW - KOFF + KSTRIDE, 0) // KSTRIDE
-    i_end = tl.minimum(tl.maximum(t_hi - KOFF + KSTRIDE, 0) // KSTRIDE, TK)
+    b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
+    i_start, i_end = _key_range(i_t * BT, BT, T, TK, KSTRIDE, KOFF, W)
     b_dq = tl.zeros([BM, D], tl.float32)
     for i0 in range(i_start, i_end, BN):
         o_i = i0 + tl.arange(0, BN)
@@ -347,22 +484,15 @@ def _dense_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale
         b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         pos = KOFF + o_i * KSTRIDE
-        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - WINDOW)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)              # [BM, BN]
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
-    b_dq = b_dq * scale
-    p_dq = dq + p_row[:, None] * D + o_d[None, :]
-    if ACCUM:
-        b_dq += tl.load(p_dq, mask=m_r[:, None], other=0.)
-    tl.store(p_dq, b_dq, mask=m_r[:, None])
+        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
+        b_dq = _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v)
+    _store_dq(dq, b_dq, p_row, m_r, scale, ACCUM, D)
 
 
 @triton.jit
 def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale_log2,
-                           scale, KSTRIDE, KOFF, WINDOW, SLICE, ATOMIC: tl.constexpr,
+                           scale, KSTRIDE, KOFF, W, SLICE, ATOMIC: tl.constexpr,
                            D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dk, dv (fp32) of BN keys of one KV head: loop over the query tiles that can see them.
     Grid axis 1 cuts the queries into absolute slices of SLICE positions whose partial sums
@@ -379,27 +509,17 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
     b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
     pos = KOFF + o_i * KSTRIDE                                                # [BN]
     t_beg = tl.maximum(KOFF + i_k * BN * KSTRIDE, i_sp * SLICE)
-    t_end = tl.minimum(KOFF + (tl.minimum(i_k * BN + BN, TK) - 1) * KSTRIDE + WINDOW, T)
+    t_end = tl.minimum(KOFF + (tl.minimum(i_k * BN + BN, TK) - 1) * KSTRIDE + W, T)
     t_end = tl.minimum(t_end, i_sp * SLICE + SLICE)
     b_dk = tl.zeros([BN, D], tl.float32)
     b_dv = tl.zeros([BN, D], tl.float32)
-    o_r = tl.arange(0, BM)
     for t0 in range(t_beg, t_end, BT):
-        t = t0 + o_r // G
-        m_r = (o_r < BT * G) & (t < t_end)
-        p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
-        b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-        b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-        b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))
-        b_delta = tl.load(delta + p_row, mask=m_r, other=0.)
+        t, m_r, p_row = _query_rows(t0, t_end, i_b, i_h, T, HQ, G, BT, BM)
+        b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
         m_s = (m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
-               & (pos[None, :] > t[:, None] - WINDOW))
+               & (pos[None, :] > t[:, None] - W))
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+        b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
     p_out = p_key[:, None] * D + o_d[None, :]
     if ATOMIC:
         m_out = m_k[:, None] & (t_beg < t_end)
@@ -533,19 +653,8 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
         b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_m_new
-    b_l_safe = tl.where(b_l > 0, b_l, 1.)
-    b_o = (b_acc / b_l_safe[:, None]).to(o.dtype.element_ty)
-    tl.store(o + p_row[:, None] * D + o_d[None, :], b_o,
-             mask=m_g[:, None])
-    tl.store(lse + p_row, tl.where(b_l > 0, b_m + tl.log2(b_l_safe), float("inf")), mask=m_g)
+        b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc)
+    _store_attention(o, lse, p_row, m_g, b_m, b_l, b_acc, D)
 
 
 @triton.jit
@@ -560,10 +669,7 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
     m_g = o_g < G
     p_row = (i_b * T + i_t).to(tl.int64) * HQ + i_h * G + o_g
     o_d = tl.arange(0, D)
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.)
-    b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.)
-    b_lse = tl.load(lse + p_row, mask=m_g, other=float("inf"))
-    b_delta = tl.load(delta + p_row, mask=m_g, other=0.)
+    b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_g, D)
     p_idx = idx + ((i_b * T + i_t).to(tl.int64) * H + i_h) * NSEL
     o_s = tl.arange(0, BS)
     b_dq = tl.zeros([BG, D], tl.float32)
@@ -575,16 +681,9 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
         p_key = (i_b * T + pos).to(tl.int64) * H + i_h
         b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
-    b_dq = b_dq * scale
-    p_dq = dq + p_row[:, None] * D + o_d[None, :]
-    if ACCUM:
-        b_dq += tl.load(p_dq, mask=m_g[:, None], other=0.)
-    tl.store(p_dq, b_dq, mask=m_g[:, None])
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
+        b_dq = _dq_step(b_dq, b_s, m_k[None, :], b_lse, b_do, b_delta, b_k, b_v)
+    _store_dq(dq, b_dq, p_row, m_g, scale, ACCUM, D)
 
 
 @triton.jit
@@ -616,17 +715,10 @@ def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_s
         m_r = (o_r < BQ * G) & (o_q < end)
         t = tl.load(q_list + o_q, mask=m_r, other=0)                          # [BM] positions
         p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
-        b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-        b_do = tl.load(do + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-        b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))
-        b_delta = tl.load(delta + p_row, mask=m_r, other=0.)
+        b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
         m_s = m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+        b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
     m_out = m_k[:, None] & (start < end)
     p_out = p_key[:, None] * D + o_d[None, :]
     tl.atomic_add(dk + p_out, b_dk * scale, mask=m_out)
@@ -677,17 +769,20 @@ def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, do_cmp, do
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers: check inputs, allocate outputs, pick tiles and grids.
+# Launchers: allocate outputs, pick tiles and grids (the public functions check the inputs).
+#
+# The tile sizes are the fastest of a sweep on an H200 at T=64k (2026-11-28): 64 rows
+# (positions x heads) and 64 keys (32 for D > 128) per tile of the dense kernels, 64 rows per
+# chunk of the selected dk/dv, 2 warps (16 rows each) for the selected forward and dq, and 2
+# pipelining stages everywhere.
 
 POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: unwritten shows up
-_KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # dk/dv of the compressed keys: split each key tile's query range into slices of 256 to this
 # many positions (atomic adds join them), enough for about _CMP_SPLIT_PROGRAMS programs;
 # selected dk/dv: at most _SLC_SEGMENT queries per program
-_CMP_SPLIT_POSITIONS = 256 if _INTERPRET else 4096
+_CMP_SPLIT_POSITIONS = 4096
 _CMP_SPLIT_PROGRAMS = 4096
-_SLC_SEGMENT = 32 if _INTERPRET else 256
+_SLC_SEGMENT = 256
 
 
 def _alloc(shape, dtype, device, fill=float("nan")):
@@ -696,14 +791,15 @@ def _alloc(shape, dtype, device, fill=float("nan")):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows_per_tile(G, D, kind):
-    """Rows (positions x heads) of a dense tile: TUNING[kind] (64 for D > 128), and at least
-    all G heads of a position. The interpreter pays per operation, not per element: it gets
-    big tiles."""
-    if _INTERPRET:
-        return max(256, triton.next_power_of_2(G))
-    bm = TUNING[kind] if D <= 128 else 64
-    return max(bm, triton.next_power_of_2(G))
+def _tile_rows(G, rows):
+    """Rows (positions x heads) per tile: `rows`, and at least all G heads of a position. The
+    one change under the interpreter (which ignores warps and stages): it pays per operation,
+    not per element, so it gets 256 rows."""
+    return max(256 if _INTERPRET else rows, triton.next_power_of_2(G))
+
+
+def _num_warps(rows, D):
+    return 8 if rows * D >= 128 * 128 else 4
 
 
 def _dense_fwd(q, k, v, kstride, koff, window, scale):
@@ -716,13 +812,12 @@ def _dense_fwd(q, k, v, kstride, koff, window, scale):
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     if TK == 0:
         return o.zero_(), lse.fill_(float("inf"))
-    BM = _rows_per_tile(G, D, "fwd_rows")
-    BN = TUNING["fwd_keys"] if D <= 128 and not _INTERPRET else (64 if D <= 128 else 32)
+    BM, BN = _tile_rows(G, 64), 64 if D <= 128 else 32
     BT = BM // G
     grid = (triton.cdiv(T, BT), B * H)
     _dense_fwd_kernel[grid](q, k, v, o, lse, T, TK, G, BT, HQ, H, scale * _LOG2E, kstride, koff,
                             window, D=D, BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D),
-                            num_stages=_stages())
+                            num_stages=2)
     return o, lse
 
 
@@ -736,14 +831,12 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
             dq.zero_()
         return (torch.zeros(k.shape, dtype=torch.float32, device=q.device),
                 torch.zeros(k.shape, dtype=torch.float32, device=q.device))
-    BM = _rows_per_tile(G, D, "dq_rows")
-    BN = 64 if D <= 128 else 32
+    BM, BN = _tile_rows(G, 64), 64 if D <= 128 else 32
     _dense_bwd_dq_kernel[(triton.cdiv(T, BM // G), B * H)](
         q, k, v, do, lse, delta, dq, T, TK, G, BM // G, HQ, H, scale * _LOG2E, scale, kstride,
         koff, window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=_num_warps(BM, D),
-        num_stages=_stages())
-    BM = _rows_per_tile(G, D, "dkdv_rows")
-    BN = TUNING["dkdv_keys"] if D <= 128 and not _INTERPRET else BN
+        num_stages=2)
+    BM, BN = _tile_rows(G, 64), 64 if D <= 128 else 32
     BT = BM // G
     # each key tile sees at most min(T, span) query positions; split long ranges, into short
     # slices when there are few key tiles (at 8k, 1 KV head: 8 tiles would be 8 programs)
@@ -761,7 +854,7 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
     _dense_bwd_dkdv_kernel[(triton.cdiv(TK, BN), nsplit, B * H)](
         q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride,
         koff, window, T if nsplit == 1 else slice_len, ATOMIC=nsplit > 1, D=D,
-        BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D), num_stages=_stages())
+        BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D), num_stages=2)
     return dk, dv
 
 
@@ -778,7 +871,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
                                 SBLK=select_block, BS=BS, D=D, BG=BG,
-                                num_warps=_slc_warps(), num_stages=_slc_stages())
+                                num_warps=2, num_stages=2)
     return o, lse
 
 
@@ -819,15 +912,14 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
     BG, BS = _slc_tiles(G, select_block)
     _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                    scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
-                                   BS=BS, D=D, BG=BG, num_warps=_slc_warps(),
-                                   num_stages=_slc_stages())
+                                   BS=BS, D=D, BG=BG, num_warps=2, num_stages=2)
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
-    BM = _rows_per_tile(G, D, "slc_dkdv_rows")
+    BM = _tile_rows(G, 64)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
         q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
         H, n_blocks, scale * _LOG2E, scale, SBLK=select_block, BS=BS, D=D, BM=BM,
-        num_warps=_num_warps(BM, D), num_stages=_stages())
+        num_warps=_num_warps(BM, D), num_stages=2)
 
 
 def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scale):
@@ -845,7 +937,7 @@ def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scal
     _select_kernel[(triton.cdiv(T, BM // BG), B * H)](
         q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
         CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BM=BM, BG=BG,
-        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=_stages())
+        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=2)
     return idx
 
 
@@ -870,18 +962,6 @@ def _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
     _combine_bwd_kernel[(triton.cdiv(N, BR),)](do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
                                               *d_o, *d_g, *d_l, N, D=D, BR=BR, num_warps=4)
     return d_o, d_g, d_l
-
-
-def _kernel_unsupported(q, k):
-    """Why valid inputs cannot take the kernels (None if they can)."""
-    if k.shape[1] != q.shape[1]:
-        return (f"the kernels need q and k of the same length (training), got {q.shape[1]} "
-                f"and {k.shape[1]}")
-    if q.dtype not in _KERNEL_DTYPES:
-        return f"the kernels take float16, bfloat16 or float32, got {q.dtype}"
-    if q.shape[-1] not in _KERNEL_HEAD_DIMS:
-        return f"the kernels need head dim D in {_KERNEL_HEAD_DIMS}, got {q.shape[-1]}"
-    return None
 
 
 _WARNED = set()
@@ -983,42 +1063,25 @@ def _default_scale(q, scale):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _check_branch(q, k, v, same_length=True):
-    """Shape/dtype checks of the per-branch functions: q [B, T, HQ, D], k, v [B, T', H, D]."""
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"need q [B, T, HQ, D] and k, v [B, T, H, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)} (batch, head dim, "
-                         f"query heads a multiple of key heads)")
-    if same_length and k.shape[1] != q.shape[1]:
-        raise ValueError(f"q and k must have the same length, got {q.shape[1]}, {k.shape[1]}")
-    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise ValueError("q, k, v must share dtype and device")
-    reason = _kernel_unsupported(q, q)
-    if reason is not None:
-        raise ValueError(reason)
-
-
-def compressed_attention(q, k_cmp, v_cmp, *, block_len=32, block_stride=16, scale=None):
+def compressed_attention(q, k_cmp, v_cmp, *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE,
+                         scale=None):
     """Compressed branch alone (Triton, autograd): q [B, T, HQ, D], k_cmp, v_cmp [B, Tc, H, D]
     -> (o [B, T, HQ, D], lse [B, T, HQ] fp32, base 2: log2 sum_i 2^(q.k_i * scale * log2 e),
     +inf for queries that see no block). Pass lse to nsa_select."""
-    check_block_sizes(block_len, block_stride, block_stride, 3, 1)
-    _check_branch(q, k_cmp, v_cmp, same_length=False)
-    if k_cmp.shape[1] != num_compressed_blocks(q.shape[1], block_len, block_stride):
-        raise ValueError(f"k_cmp has {k_cmp.shape[1]} blocks, T={q.shape[1]} makes "
-                         f"{num_compressed_blocks(q.shape[1], block_len, block_stride)}")
+    _check_compression(block_len, block_stride)
+    _check_kernel_inputs(q, k_cmp=k_cmp, v_cmp=v_cmp)
+    _check_compressed_keys(k_cmp, q.shape[1], block_len, block_stride)
     return _DenseFunction.apply(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
                                 _default_scale(q, scale))
 
 
-def nsa_select(q, k_cmp, lse, *, block_len=32, block_stride=16, select_block=64, n_select=16,
-               scale=None):
+def nsa_select(q, k_cmp, lse, *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE,
+               select_block=SELECT_BLOCK, n_select=N_SELECT, scale=None):
     """Top-n selection blocks from the compressed branch's lse (no gradient): int32
     [B, T, H, n_select], the always-taken blocks first, -1 where fewer blocks are eligible."""
-    check_block_sizes(block_len, block_stride, select_block, n_select, 1)
-    _check_branch(q, k_cmp, k_cmp, same_length=False)
+    _check_selection(block_len, block_stride, select_block, n_select)
+    _check_kernel_inputs(q, k_cmp=k_cmp)
+    _check_compressed_keys(k_cmp, q.shape[1], block_len, block_stride)
     if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be fp32 [B, T, HQ] = {tuple(q.shape[:3])}, got "
                          f"{lse.dtype} {tuple(lse.shape)}")
@@ -1027,18 +1090,623 @@ def nsa_select(q, k_cmp, lse, *, block_len=32, block_stride=16, select_block=64,
                        block_stride, select_block, n_select, _default_scale(q, scale))
 
 
-def selected_attention(q, k, v, idx, *, select_block=64, scale=None):
+def selected_attention(q, k, v, idx, *, select_block=SELECT_BLOCK, scale=None):
     """Selected branch alone (Triton, autograd): attention of q over the tokens s <= t of the
     blocks idx [B, T, H, n] (from nsa_select; -1 = none) -> o [B, T, HQ, D]."""
-    _check_branch(q, k, v)
-    if (idx.dim() != 4 or tuple(idx.shape[:3]) != (q.shape[0], q.shape[1], k.shape[2])
-            or idx.dtype != torch.int32):
+    _check_positive(select_block=select_block)
+    B, T, HQ, H, D, _ = _check_kernel_inputs(q, k=k, v=v)
+    _check_same_length(q, k)
+    if idx.dim() != 4 or tuple(idx.shape[:3]) != (B, T, H) or idx.dtype != torch.int32:
         raise ValueError(f"idx must be int32 [B, T, H, n], got {idx.dtype} {tuple(idx.shape)}")
     return _SlcFunction.apply(q, k, v, idx, select_block, _default_scale(q, scale))
 
 
-def window_attention(q, k, v, *, window=512, scale=None):
+def window_attention(q, k, v, *, window=WINDOW, scale=None):
     """Sliding-window branch alone (Triton, autograd): keys t - window < s <= t -> o."""
-    check_block_sizes(1, 1, 1, 3, window)
-    _check_branch(q, k, v)
+    _check_positive(window=window)
+    _check_kernel_inputs(q, k=k, v=v)
+    _check_same_length(q, k)
     return _DenseFunction.apply(q, k, v, 1, 0, window, _default_scale(q, scale))[0]
+
+
+# ==============================================================================================
+# Decoding
+#
+# One new query token per sequence against preallocated KV caches: flash-decoding-style Triton
+# kernels, CUDA-graph friendly (the grids depend on shapes only; lengths are read on the device).
+#
+# The semantics are nsa_attention's at the last position (see nsa_kernels' docstring): per
+# sequence, nsa_decode_ref runs nsa_attention_ref on the caches cut to lengths[b] with q as the
+# last query. Ties between equal block scores go to the larger block index, as in training.
+#
+# Five launches, each with a grid that fills the GPU at B=1 (flash-decoding):
+#  1. _decode_cmp_kernel, grid (S splits, B*H): compressed attention over one split of the
+#     compressed cache for the G heads of a KV head (partial m, l, acc), and per chunk the
+#     heads' selection-block scores sum_i w_ij 2^(s_i - m_chunk) (compressed keys are read once
+#     for both);
+#  2. _decode_scores_kernel, grid (B*H, NB / 256): the heads' log-sum-exp from the split
+#     partials turns the partial scores into p_cmp-weighted block scores, summed over heads;
+#  3. _decode_select_kernel, grid (B*H,): the exact top-n of the block scores (forced blocks
+#     +inf), in registers;
+#  4. _decode_tokens_kernel, grid (pieces, B*H): selected blocks and the window, cut into
+#     pieces, each writing partial m, l, acc;
+#  5. _decode_merge_kernel, grid (B*H, D / BD): merges every branch's partials and applies the
+#     gates.
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and the plain-PyTorch reference.
+
+def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,
+                        lengths, block_len, block_stride):
+    """Shape, dtype and device checks (no device sync). Returns (B, Tmax, HQ, H, D)."""
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [B, 1, HQ, D] (one new token per sequence), got shape "
+                         f"{tuple(q.shape)}")
+    B, _, HQ, D = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache must be [B, Tmax, H, D] = [{B}, Tmax, H, {D}], got "
+                         f"{tuple(k_cache.shape)}")
+    Tmax, H = k_cache.shape[1], k_cache.shape[2]
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
+                         f"{tuple(v_cache.shape)}")
+    if Tmax < 1:
+        raise ValueError("k_cache must hold at least one token slot (Tmax >= 1)")
+    if HQ % H != 0:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({H})")
+    Tc_need = num_compressed_blocks(Tmax, block_len, block_stride)
+    if (k_cmp_cache.dim() != 4 or k_cmp_cache.shape[0] != B or k_cmp_cache.shape[2:] != (H, D)
+            or k_cmp_cache.shape[1] < Tc_need or v_cmp_cache.shape != k_cmp_cache.shape):
+        raise ValueError(f"k_cmp_cache and v_cmp_cache must be [B, Tcmax, H, D] = [{B}, Tcmax, "
+                         f"{H}, {D}] with Tcmax >= {Tc_need} (the compressed blocks of Tmax = "
+                         f"{Tmax} tokens), got {tuple(k_cmp_cache.shape)} and "
+                         f"{tuple(v_cmp_cache.shape)}")
+    for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
+        if tuple(g.shape) != (B, 1, HQ):
+            raise ValueError(f"{name} must be [B, 1, HQ] = [{B}, 1, {HQ}], got {tuple(g.shape)}")
+        if not g.is_floating_point() or g.device != q.device:
+            raise ValueError(f"{name} must be a floating tensor on {q.device}, got {g.dtype} on "
+                             f"{g.device}")
+    for name, x in [("k_cache", k_cache), ("v_cache", v_cache), ("k_cmp_cache", k_cmp_cache),
+                    ("v_cmp_cache", v_cmp_cache)]:
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype}, q has {q.dtype}: they must match")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device}, q on {q.device}: they must match")
+    if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must be a tensor of shape [B] = [{B}], got "
+                         f"{getattr(lengths, 'shape', type(lengths).__name__)}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype}")
+    if lengths.device != q.device:
+        raise ValueError(f"lengths is on {lengths.device}, q on {q.device}: they must match "
+                         f"(the kernels read it from device memory)")
+    return B, Tmax, HQ, H, D
+
+
+def nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths,
+                   *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT, window=WINDOW,
+                   scale=None):
+    """The definition of nsa_decode (plain PyTorch, reads lengths on the host): per sequence,
+    nsa_attention_ref over the caches cut to lengths[b], q the last query. -> [B, 1, HQ, D]"""
+    check_block_sizes(block_len, block_stride, select_block, n_select, window)
+    B, Tmax, HQ, H, D = check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp,
+                                            g_slc, g_win, lengths, block_len, block_stride)
+    hp = dict(block_len=block_len, block_stride=block_stride, select_block=select_block,
+              n_select=n_select, window=window, scale=scale)
+    out = []
+    for b, T in enumerate(lengths.tolist()):
+        if not 1 <= T <= Tmax:
+            raise ValueError(f"lengths[{b}] = {T} is outside [1, Tmax = {Tmax}]")
+        Tc = num_compressed_blocks(T, block_len, block_stride)
+        out.append(nsa_attention_ref(
+            q[b:b + 1], k_cache[b:b + 1, :T], v_cache[b:b + 1, :T], k_cmp_cache[b:b + 1, :Tc],
+            v_cmp_cache[b:b + 1, :Tc], g_cmp[b:b + 1], g_slc[b:b + 1], g_win[b:b + 1], **hp))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton decode kernels.
+#
+# Partial results: piece p of KV head (b, h) holds, for each of its G heads, the running max m,
+# the sum l of 2^(s - m) and the unnormalised acc = sum 2^(s - m) v (base-2 logits, as in
+# training), in part_m, part_l [B, H, NP, G] and part_acc [B, H, NP, G, D] (fp32). Pieces
+# 0 .. S-1 are the compressed splits, then the selected pieces, then the window pieces.
+# Compressed chunk c (DECODE_TUNING["cmp_chunk"] = BC compressed blocks, CH chunks per split)
+# owns selection blocks c*BJ .. c*BJ + BJ - 1, hence the compressed blocks c*BJ*R ..
+# (c+1)*BJ*R - 1 (R = l'/d); it also reads the M1 = l/d - 1 blocks before them, which overlap
+# its first selection block (and are another chunk's for attention). It writes its max
+# chunk_m [B, H, G, NCH] and per-head block scores chunk_score [B, H, G, NB] relative to it.
+
+
+# GPU tile and split settings (the fastest of a sweep on an H200, 2026-11-29; the tests
+# also run a tiny setting that exercises every path): compressed blocks per chunk
+# (BC), compressed programs aimed at (B*H*S) and most splits per KV head (S), candidates the
+# top-n ranks exactly (a power of 2; more fall back to bisection), selected blocks per piece,
+# window tokens per piece, keys per tile of the token pieces, pieces unrolled and head-dim
+# columns per merge program, warps, pipelining depth.
+DECODE_TUNING = {"cmp_chunk": 128, "cmp_programs": 1024, "cmp_splits": 32, "select_cap": 64,
+                 "slc_blocks": 2, "win_tokens": 128, "tokens": 64, "merge_pieces": 8,
+                 "merge_dims": 32, "warps": 4, "stages": 2}
+
+
+@triton.jit
+def _decode_query(q, i_b, i_h, HQ, G, D: tl.constexpr, BG: tl.constexpr):
+    """The G query heads of KV head i_h as tile rows, zero-padded to BG."""
+    o_g = tl.arange(0, BG)
+    o_d = tl.arange(0, D)
+    p_row = (i_b * HQ + i_h * G + o_g).to(tl.int64)                            # [BG]
+    return tl.load(q + p_row[:, None] * D + o_d[None, :], mask=(o_g < G)[:, None], other=0.)
+
+
+@triton.jit
+def _decode_length(lengths, i_b, TMAX):
+    """Tokens in sequence i_b's cache, clamped into [1, TMAX] so that every address stays inside
+    the caches (the merge kernel writes NaN for out-of-range lengths)."""
+    return tl.minimum(tl.maximum(tl.load(lengths + i_b).to(tl.int32), 1), TMAX)
+
+
+@triton.jit
+def _decode_store_partial(part_m, part_l, part_acc, piece, b_m, b_l, b_acc, G,
+                          D: tl.constexpr, BG: tl.constexpr):
+    o_g = tl.arange(0, BG)
+    o_d = tl.arange(0, D)
+    m_g = o_g < G
+    p_row = piece.to(tl.int64) * G + o_g                                       # [BG]
+    tl.store(part_m + p_row, b_m, mask=m_g)
+    tl.store(part_l + p_row, b_l, mask=m_g)
+    tl.store(part_acc + p_row[:, None] * D + o_d[None, :], b_acc, mask=m_g[:, None])
+
+
+@triton.jit
+def _decode_cmp_kernel(q, k_cmp, v_cmp, lengths, part_m, part_l, part_acc, chunk_m, chunk_score,
+                       s_b, s_t, s_h, TMAX, TCMAX, NB, NCH, NP, HQ, H, G, scale_log2,
+                       CH: tl.constexpr, CBLK: tl.constexpr, CSTRIDE: tl.constexpr,
+                       SBLK: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BC: tl.constexpr,
+                       BJ: tl.constexpr, K: tl.constexpr):
+    """Split i_s (chunks i_s*CH ..) of the compressed cache for the G heads of one KV head:
+    partial attention over the compressed blocks the chunks own, and per chunk the heads'
+    selection-block scores relative to the chunk's max. Splits past the query exit."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    n_tok = _decode_length(lengths, i_b, TMAX)
+    t = n_tok - 1
+    n_chunk = (t // SBLK) // BJ + 1                  # chunks holding an eligible block j*l' <= t
+    c_lo = i_s * CH
+    if c_lo >= n_chunk:
+        return
+    c_hi = tl.minimum(c_lo + CH, n_chunk)
+    # visible compressed blocks i*d + l <= t + 1 (C division: keep the numerator >= 0)
+    tc = tl.minimum(tl.maximum(n_tok - CBLK + CSTRIDE, 0) // CSTRIDE, TCMAX)
+
+    b_q = _decode_query(q, i_b, i_h, HQ, G, D, BG)                            # [BG, D]
+    o_g = tl.arange(0, BG)
+    o_d = tl.arange(0, D)
+    o_c = tl.arange(0, BC)
+    o_j = tl.arange(0, K)
+    R: tl.constexpr = SBLK // CSTRIDE
+    M1: tl.constexpr = CBLK // CSTRIDE - 1
+    # overlap weights: column c of a chunk is compressed block c0*BJ*R - M1 + c, column jj the
+    # selection block c0*BJ + jj; the same [BC, K] matrix for every chunk
+    c_start = (o_c - M1) * CSTRIDE
+    j_start = o_j * SBLK
+    b_w = (tl.minimum(c_start[:, None] + CBLK, j_start[None, :] + SBLK)
+           - tl.maximum(c_start[:, None], j_start[None, :]))
+    b_w = tl.where(o_j[None, :] < BJ, tl.maximum(b_w, 0).to(tl.float32) / CSTRIDE, 0.)  # [BC, K]
+
+    p_kv = i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h
+    o_kd = o_c[:, None] * s_t + o_d[None, :]                                  # [BC, D] int32
+    p_head = (i_bh * G + o_g).to(tl.int64)                                    # [BG] head rows
+    m_g = o_g < G
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, D], tl.float32)
+    for c in range(c_lo, c_hi):
+        i0 = c * (BJ * R) - M1
+        o_ci = i0 + o_c                                                        # [BC] block ids
+        m_c = (o_ci >= 0) & (o_ci < tc) & (o_c < M1 + BJ * R)
+        p_k = p_kv + tl.cast(i0, tl.int64) * s_t + o_kd
+        b_k = tl.load(k_cmp + p_k, mask=m_c[:, None], other=0.)               # [BC, D]
+        b_v = tl.load(v_cmp + p_k, mask=m_c[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                         # [BG, BC]
+        b_s = tl.where(m_c[None, :], b_s, float("-inf"))
+        # scores: relative to the chunk's own max (reach-back blocks included, so no 2^x > 1)
+        b_mc = tl.max(b_s, 1)                                                  # [BG]
+        b_mc_safe = tl.where(b_mc == float("-inf"), 0., b_mc)
+        b_p = tl.exp2(b_s - b_mc_safe[:, None])                                # [BG, BC]
+        b_sc = tl.dot(b_p, b_w, input_precision="ieee")                        # [BG, K]
+        o_jj = c * BJ + o_j
+        tl.store(chunk_score + p_head[:, None] * NB + o_jj[None, :], b_sc,
+                 mask=m_g[:, None] & (o_j[None, :] < BJ) & (o_jj[None, :] < NB))
+        tl.store(chunk_m + p_head * NCH + c, b_mc, mask=m_g)
+        # attention over the blocks this chunk owns; any max >= theirs keeps 2^x <= 1
+        b_m_new = tl.maximum(b_m, b_mc)
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_pa = tl.where((o_c >= M1)[None, :], b_p * tl.exp2(b_mc_safe - b_m_safe)[:, None], 0.)
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_pa, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pa.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    _decode_store_partial(part_m, part_l, part_acc, i_bh * NP + i_s, b_m, b_l, b_acc, G, D, BG)
+
+
+@triton.jit
+def _decode_scores_kernel(lengths, part_m, part_l, chunk_m, chunk_score, scores, TMAX, NB, NCH,
+                          NP, H, G, CH: tl.constexpr, SBLK: tl.constexpr, BJ: tl.constexpr,
+                          SP: tl.constexpr, BG: tl.constexpr, NBP: tl.constexpr,
+                          BJC: tl.constexpr):
+    """Scores of selection blocks i_j*BJC .. of one KV head. p_cmp = 2^(s - lse) needs the
+    heads' lse, known only once every split is done: the chunk scores, relative to their
+    chunk's max, are scaled by 2^(m_chunk - lse) here and summed over the G heads. (Many
+    programs per head: the per-head partial scores are too many for one program to read.)"""
+    i_bh, i_j = tl.program_id(0), tl.program_id(1)
+    t = _decode_length(lengths, i_bh // H, TMAX) - 1
+    n_elig = t // SBLK + 1                                       # blocks with j*l' <= t
+    if i_j * BJC >= n_elig:
+        return
+    n_split = ((t // SBLK) // BJ) // CH + 1                      # splits the cmp kernel ran
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    p_head = (i_bh * G + o_g).to(tl.int64)                                    # [BG]
+    # the heads' base-2 log-sum-exp over all splits (+inf: no compressed block visible)
+    o_s = tl.arange(0, SP)
+    m_sg = (o_s[:, None] < n_split) & m_g[None, :]
+    p_part = (i_bh * NP + o_s[:, None]).to(tl.int64) * G + o_g[None, :]      # [SP, BG]
+    b_ms = tl.load(part_m + p_part, mask=m_sg, other=float("-inf"))
+    b_ls = tl.load(part_l + p_part, mask=m_sg, other=0.)
+    b_mx = tl.max(b_ms, 0)                                                    # [BG]
+    b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
+    b_sum = tl.sum(b_ls * tl.exp2(b_ms - b_mx[None, :]), 0)
+    b_lse = tl.where(b_sum > 0, b_mx + tl.log2(tl.where(b_sum > 0, b_sum, 1.)), float("inf"))
+
+    o_j = i_j * BJC + tl.arange(0, BJC)
+    m_gj = m_g[:, None] & (o_j < n_elig)[None, :]
+    b_sc = tl.load(chunk_score + p_head[:, None] * NB + o_j[None, :], mask=m_gj, other=0.)
+    b_mc = tl.load(chunk_m + p_head[:, None] * NCH + (o_j // BJ)[None, :], mask=m_gj,
+                   other=float("-inf"))
+    b_sc = tl.where(m_gj, b_sc * tl.exp2(b_mc - b_lse[:, None]), 0.)           # [BG, BJC]
+    tl.store(scores + i_bh.to(tl.int64) * NBP + o_j, tl.sum(b_sc, 0), mask=o_j < n_elig)
+
+
+@triton.jit
+def _decode_select_kernel(lengths, scores, cand, idx, TMAX, H, NSEL, SBLK: tl.constexpr,
+                          NBP: tl.constexpr, NSELP: tl.constexpr, NG: tl.constexpr,
+                          CAP: tl.constexpr, IB: tl.constexpr):
+    """Top-n selection blocks of one KV head from its block scores. A block's key is its fp32
+    score's bits << IB | its index (distinct keys; equal scores prefer the larger block, as in
+    training); the blocks with keys >= the n-th largest are written in block order."""
+    i_bh = tl.program_id(0)
+    t = _decode_length(lengths, i_bh // H, TMAX) - 1
+    n_elig = t // SBLK + 1
+    o_j = tl.arange(0, NBP)
+    m_elig = o_j < n_elig
+    b_score = tl.load(scores + i_bh.to(tl.int64) * NBP + o_j, mask=m_elig, other=0.)
+    cur = t // SBLK
+    m_forced = (o_j == 0) | (o_j == cur) | (o_j == cur - 1)
+    b_score = tl.where(m_forced, float("inf"), b_score) + 0.                 # no -0.0 bits
+    b_key = (b_score.to(tl.int32, bitcast=True).to(tl.int64) << IB) | o_j.to(tl.int64)
+    b_key = tl.where(m_elig, b_key, -1)
+    # the n-th largest key (need of them are eligible) is at least the need-th largest of the NG
+    # group maxima (group j % NG): need distinct keys lie at or above that. Few keys usually
+    # pass this bound (about need + need^2 / 2NG): rank them exactly in a [CAP, CAP] compare.
+    need = tl.minimum(NSEL, n_elig)
+    b_gmax = tl.max(tl.reshape(b_key, [NBP // NG, NG]), 0)                    # [NG]
+    b_grank = tl.sum((b_gmax[None, :] > b_gmax[:, None]).to(tl.int32), 1)
+    lo = tl.max(tl.where(b_grank == need - 1, b_gmax, -1))
+    m_cand = b_key >= lo
+    n_cand = tl.sum(m_cand.to(tl.int32))
+    if n_cand <= CAP:
+        p_cand = cand + i_bh.to(tl.int64) * CAP
+        tl.store(p_cand + tl.cumsum(m_cand.to(tl.int32), 0) - 1, b_key, mask=m_cand)
+        tl.debug_barrier()
+        o_c = tl.arange(0, CAP)
+        b_c = tl.load(p_cand + o_c, mask=o_c < n_cand, other=-1)               # [CAP]
+        b_crank = tl.sum((b_c[None, :] > b_c[:, None]).to(tl.int32), 1)
+        lo = tl.max(tl.where(b_crank == need - 1, b_c, -1))
+    else:
+        # bisection: the largest lo with count(key >= lo) >= need
+        hi = tl.max(b_key) + 1
+        for _ in range(31 + IB):                                 # +inf's bits are < 2^31
+            mid = (lo + hi) >> 1
+            enough = tl.sum((b_key >= mid).to(tl.int32)) >= need
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+    m_sel = b_key >= lo
+    slot = tl.cumsum(m_sel.to(tl.int32), 0) - 1
+    p_idx = idx + i_bh.to(tl.int64) * NSEL
+    tl.store(p_idx + slot, o_j, mask=m_sel)
+    o_n = tl.arange(0, NSELP)
+    tl.store(p_idx + o_n, tl.full([NSELP], -1, tl.int32), mask=(o_n >= need) & (o_n < NSEL))
+
+
+@triton.jit
+def _decode_attend(b_q, k, v, p_kv, s_t, lo, hi, b_m, b_l, b_acc, scale_log2,
+                   D: tl.constexpr, BN: tl.constexpr):
+    """Online-softmax update of (m, l, acc) [BG], [BG], [BG, D] with the tokens lo .. hi - 1."""
+    o_n = tl.arange(0, BN)
+    o_kd = o_n[:, None] * s_t + tl.arange(0, D)[None, :]                      # [BN, D] int32
+    for s0 in range(lo, hi, BN):
+        m_k = s0 + o_n < hi                                                   # [BN]
+        p_k = p_kv + tl.cast(s0, tl.int64) * s_t + o_kd
+        b_k = tl.load(k + p_k, mask=m_k[:, None], other=0.)                   # [BN, D]
+        b_v = tl.load(v + p_k, mask=m_k[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                         # [BG, BN]
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _decode_tokens_kernel(q, k, v, lengths, idx, part_m, part_l, part_acc, s_b, s_t, s_h, TMAX,
+                          NP, S, NPS, HQ, H, G, NSEL, WINDOW, scale_log2, SPP: tl.constexpr,
+                          WPC: tl.constexpr, SBLK: tl.constexpr, D: tl.constexpr,
+                          BG: tl.constexpr, BN: tl.constexpr):
+    """Piece i_p of one KV head's token attention: selected blocks i_p*SPP .. (tokens s <= t)
+    for i_p < NPS, else window tokens (i_p - NPS)*WPC .. of the window (t - w, t]."""
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    n_tok = _decode_length(lengths, i_b, TMAX)
+    b_q = _decode_query(q, i_b, i_h, HQ, G, D, BG)
+    p_kv = i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, D], tl.float32)
+    if i_p < NPS:
+        for r in tl.static_range(SPP):
+            slot = i_p * SPP + r
+            j = tl.load(idx + i_bh.to(tl.int64) * NSEL + slot, mask=slot < NSEL, other=-1)
+            lo = j * SBLK
+            hi = tl.where(j >= 0, tl.minimum(lo + SBLK, n_tok), lo)          # -1 pads: empty
+            b_m, b_l, b_acc = _decode_attend(b_q, k, v, p_kv, s_t, lo, hi, b_m, b_l, b_acc,
+                                             scale_log2, D, BN)
+    else:
+        lo = tl.maximum(n_tok - WINDOW, 0) + (i_p - NPS) * WPC
+        hi = tl.minimum(lo + WPC, n_tok)
+        b_m, b_l, b_acc = _decode_attend(b_q, k, v, p_kv, s_t, lo, hi, b_m, b_l, b_acc,
+                                         scale_log2, D, BN)
+    _decode_store_partial(part_m, part_l, part_acc, i_bh * NP + S + i_p, b_m, b_l, b_acc, G,
+                          D, BG)
+
+
+@triton.jit
+def _decode_branch_stats(b_mp, b_lp, m_b, b_gate):
+    """(max, gate / sum) [BG] of one branch from the pieces' m, l [NPP, BG] where m_b holds."""
+    b_mx = tl.max(tl.where(m_b, b_mp, float("-inf")), 0)
+    b_mx = tl.where(b_mx == float("-inf"), 0., b_mx)
+    b_l = tl.sum(tl.where(m_b, b_lp * tl.exp2(b_mp - b_mx[None, :]), 0.), 0)
+    return b_mx, tl.where(b_l > 0, b_gate / tl.where(b_l > 0, b_l, 1.), 0.)
+
+
+@triton.jit
+def _decode_merge_add(part_m, part_acc, b_o, p_lo, p_hi, p_base, S, NPS, b_mx_c, b_co_c, b_mx_s,
+                      b_co_s, b_mx_w, b_co_w, m_g, o_g, o_gd, G, D: tl.constexpr,
+                      BP: tl.constexpr):
+    """b_o += the acc rows of pieces p_lo .. p_hi - 1 (of this head), each weighted by its
+    branch's gate / sum * 2^(m - branch max); BP pieces per step unrolled, so that their loads
+    are in flight together."""
+    for p0 in range(p_lo, p_hi, BP):
+        for r in tl.static_range(BP):
+            p = p0 + r
+            m_r = m_g & (p < p_hi)
+            p_row = tl.cast(p_base + p, tl.int64) * G
+            b_m = tl.load(part_m + p_row + o_g, mask=m_r, other=float("-inf"))   # [BG]
+            b_a = tl.load(part_acc + p_row * D + o_gd, mask=m_r[:, None], other=0.)
+            b_mx = tl.where(p < S, b_mx_c, tl.where(p < S + NPS, b_mx_s, b_mx_w))
+            b_co = tl.where(p < S, b_co_c, tl.where(p < S + NPS, b_co_s, b_co_w))
+            b_o += b_a * (b_co * tl.exp2(b_m - b_mx))[:, None]
+    return b_o
+
+
+@triton.jit
+def _decode_merge_kernel(lengths, part_m, part_l, part_acc, g_cmp, g_slc, g_win, o, TMAX, NP, S,
+                         NPS, HQ, H, G, CH: tl.constexpr, SBLK: tl.constexpr, BJ: tl.constexpr,
+                         D: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
+                         NPP: tl.constexpr):
+    """o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win for the G heads of one KV head,
+    columns i_d*BD ..; each branch's partials merged (flash-decoding), all branches in one pass
+    over the pieces. NaN rows where lengths[b] is outside [1, TMAX]."""
+    i_bh, i_d = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    n_raw = tl.load(lengths + i_b).to(tl.int32)
+    t = tl.minimum(tl.maximum(n_raw, 1), TMAX) - 1
+    n_split = ((t // SBLK) // BJ) // CH + 1                      # compressed pieces written
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    p_row = (i_b * HQ + i_h * G + o_g).to(tl.int64)                            # [BG]
+    b_gc = tl.load(g_cmp + p_row, mask=m_g, other=0.).to(tl.float32)
+    b_gs = tl.load(g_slc + p_row, mask=m_g, other=0.).to(tl.float32)
+    b_gw = tl.load(g_win + p_row, mask=m_g, other=0.).to(tl.float32)
+
+    o_p = tl.arange(0, NPP)
+    m_pg = (((o_p < n_split) | (o_p >= S)) & (o_p < NP))[:, None] & m_g[None, :]  # [NPP, BG]
+    p_pg = (i_bh * NP + o_p)[:, None].to(tl.int64) * G + o_g[None, :]
+    b_mp = tl.load(part_m + p_pg, mask=m_pg, other=float("-inf"))
+    b_lp = tl.load(part_l + p_pg, mask=m_pg, other=0.)
+    b_mx_c, b_co_c = _decode_branch_stats(b_mp, b_lp, (o_p < S)[:, None], b_gc)
+    b_mx_s, b_co_s = _decode_branch_stats(b_mp, b_lp, ((o_p >= S) & (o_p < S + NPS))[:, None],
+                                          b_gs)
+    b_mx_w, b_co_w = _decode_branch_stats(b_mp, b_lp, (o_p >= S + NPS)[:, None], b_gw)
+
+    o_gd = o_g[:, None] * D + (i_d * BD + tl.arange(0, BD))[None, :]          # [BG, BD]
+    b_o = tl.zeros([BG, BD], tl.float32)
+    b_o = _decode_merge_add(part_m, part_acc, b_o, 0, n_split, i_bh * NP, S, NPS, b_mx_c, b_co_c,
+                            b_mx_s, b_co_s, b_mx_w, b_co_w, m_g, o_g, o_gd, G, D, BP)
+    b_o = _decode_merge_add(part_m, part_acc, b_o, S, NP, i_bh * NP, S, NPS, b_mx_c, b_co_c,
+                            b_mx_s, b_co_s, b_mx_w, b_co_w, m_g, o_g, o_gd, G, D, BP)
+    b_o = tl.where((n_raw < 1) | (n_raw > TMAX), float("nan"), b_o)
+    p_o = o + (i_b * HQ + i_h * G).to(tl.int64) * D
+    tl.store(p_o + o_gd, b_o.to(o.dtype.element_ty), mask=m_g[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and public functions.
+
+def _decode_tile(rows, row_bytes, least):
+    """Halve a tile of `rows` rows of row_bytes each until it fits 32 KB (not below least)."""
+    while rows * row_bytes > 32768 and rows // 2 >= least:
+        rows //= 2
+    return rows
+
+
+def _decode_plan(B, H, D, Tmax, elem_bytes, block_len, block_stride, select_block, n_select,
+                 window):
+    """Static sizes of one decoding step (they depend on shapes only, never on lengths)."""
+    tune = DECODE_TUNING
+    R, M1 = select_block // block_stride, block_len // block_stride - 1
+    BC = _decode_tile(max(tune["cmp_chunk"], triton.next_power_of_2(R + M1), 16), D * elem_bytes,
+                      max(16, triton.next_power_of_2(R + M1)))
+    BJ = (BC - M1) // R                         # selection blocks owned by one chunk
+    NB = triton.cdiv(Tmax, select_block)
+    NCH = triton.cdiv(NB, BJ)
+    S = min(NCH, tune["cmp_splits"], max(1, triton.cdiv(tune["cmp_programs"], B * H)))
+    CH = triton.cdiv(NCH, S)
+    S = triton.cdiv(NCH, CH)
+    SPP = min(tune["slc_blocks"], n_select)
+    NPS = triton.cdiv(n_select, SPP)
+    WPC = tune["win_tokens"]
+    NW = triton.cdiv(min(window, Tmax), WPC)
+    return dict(R=R, M1=M1, BC=BC, BJ=BJ, K=max(16, triton.next_power_of_2(BJ)), NB=NB, NCH=NCH,
+                S=S, CH=CH, SPP=SPP, NPS=NPS, WPC=WPC, NW=NW, NP=S + NPS + NW,
+                BN=_decode_tile(max(16, tune["tokens"]), D * elem_bytes, 16))
+
+
+def _decode_warps():
+    return 1 if _INTERPRET else DECODE_TUNING["warps"]
+
+
+def _decode_stages():
+    return 1 if _INTERPRET else DECODE_TUNING["stages"]
+
+
+def _decode_cmp_select(q, k_cmp, v_cmp, lengths, plan, Tmax, block_len, block_stride,
+                       select_block, n_select, scale):
+    """Launches 1 and 2: returns the partial buffers (compressed splits filled) and idx."""
+    B, _, HQ, D = q.shape
+    Tcmax, H = k_cmp.shape[1], k_cmp.shape[2]
+    G = HQ // H
+    BG = max(16, triton.next_power_of_2(G))
+    dev = q.device
+    NP, NB, NCH = plan["NP"], plan["NB"], plan["NCH"]
+    part_m = _alloc((B, H, NP, G), torch.float32, dev)
+    part_l = _alloc((B, H, NP, G), torch.float32, dev)
+    part_acc = _alloc((B, H, NP, G, D), torch.float32, dev)
+    chunk_m = _alloc((B, H, G, NCH), torch.float32, dev)
+    chunk_score = _alloc((B, H, G, NB), torch.float32, dev)
+    NBP = max(16, triton.next_power_of_2(NB))
+    scores = _alloc((B, H, NBP), torch.float32, dev)
+    CAP = DECODE_TUNING["select_cap"]
+    cand = _alloc((B, H, CAP), torch.int64, dev, fill=-2)
+    idx = _alloc((B, H, n_select), torch.int32, dev, fill=-2)
+    if Tcmax == 0:                      # nothing is loaded then, but Triton wants a pointer
+        k_cmp = v_cmp = q.new_zeros(1, 1, 1, 1)
+    s_b, s_t, s_h = k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2)
+    _decode_cmp_kernel[(plan["S"], B * H)](
+        q, k_cmp, v_cmp, lengths, part_m, part_l, part_acc, chunk_m, chunk_score,
+        s_b, s_t, s_h, Tmax, Tcmax, NB, NCH, NP, HQ, H, G, scale * _LOG2E,
+        CH=plan["CH"], CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, D=D, BG=BG,
+        BC=plan["BC"], BJ=plan["BJ"], K=plan["K"], num_warps=_decode_warps(),
+        num_stages=_decode_stages())
+    BJC = min(256, NBP)
+    _decode_scores_kernel[(B * H, NBP // BJC)](
+        lengths, part_m, part_l, chunk_m, chunk_score, scores, Tmax, NB, NCH, NP, H, G,
+        CH=plan["CH"], SBLK=select_block, BJ=plan["BJ"],
+        SP=max(16, triton.next_power_of_2(plan["S"])), BG=BG, NBP=NBP, BJC=BJC,
+        num_warps=_decode_warps())
+    _decode_select_kernel[(B * H,)](
+        lengths, scores, cand, idx, Tmax, H, n_select, SBLK=select_block, NBP=NBP,
+        NSELP=max(16, triton.next_power_of_2(n_select)),
+        NG=min(NBP, max(64, triton.next_power_of_2(n_select))), CAP=CAP, IB=int(math.log2(NBP)),
+        num_warps=_decode_warps() * (2 if NBP >= 4096 else 1))
+    return part_m, part_l, part_acc, idx
+
+
+def _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths,
+                    block_len, block_stride, select_block, n_select, window, scale):
+    B, Tmax, H, D = k_cache.shape
+    HQ = q.shape[2]
+    G = HQ // H
+    BG = max(16, triton.next_power_of_2(G))
+    q, g_cmp, g_slc, g_win = (x.contiguous() for x in (q, g_cmp, g_slc, g_win))
+    plan = _decode_plan(B, H, D, Tmax, q.element_size(), block_len, block_stride, select_block,
+                        n_select, window)
+    part_m, part_l, part_acc, idx = _decode_cmp_select(
+        q, k_cmp_cache, v_cmp_cache, lengths, plan, Tmax, block_len, block_stride, select_block,
+        n_select, scale)
+    S, NPS, NP = plan["S"], plan["NPS"], plan["NP"]
+    s_b, s_t, s_h = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
+    _decode_tokens_kernel[(NPS + plan["NW"], B * H)](
+        q, k_cache, v_cache, lengths, idx, part_m, part_l, part_acc, s_b, s_t, s_h, Tmax, NP, S,
+        NPS, HQ, H, G, n_select, window, scale * _LOG2E, SPP=plan["SPP"],
+        WPC=plan["WPC"], SBLK=select_block, D=D, BG=BG, BN=plan["BN"],
+        num_warps=_decode_warps(), num_stages=_decode_stages())
+    o = _alloc(q.shape, q.dtype, q.device)
+    BD = min(D, DECODE_TUNING["merge_dims"])
+    _decode_merge_kernel[(B * H, D // BD)](
+        lengths, part_m, part_l, part_acc, g_cmp, g_slc, g_win, o, Tmax, NP, S, NPS, HQ, H, G,
+        CH=plan["CH"], SBLK=select_block, BJ=plan["BJ"], D=D, BG=BG, BD=BD,
+        BP=DECODE_TUNING["merge_pieces"],
+        NPP=max(16, triton.next_power_of_2(NP)), num_warps=_decode_warps())
+    return o
+
+
+def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache):
+    """Why valid inputs cannot take the decode kernels (None if they can)."""
+    reason = _kernel_unsupported(q)
+    if reason is not None:
+        return reason
+    for name, a, b in [("k_cache and v_cache", k_cache, v_cache),
+                       ("k_cmp_cache and v_cmp_cache", k_cmp_cache, v_cmp_cache)]:
+        if a.stride() != b.stride() or a.stride(3) != 1:
+            return (f"the kernels need {name} with equal strides and contiguous head dims, got "
+                    f"{a.stride()} and {b.stride()}")
+    return None
+
+
+@torch.compiler.disable  # a torch.compile'd model runs the kernels as they are (graph break)
+def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths, *,
+               block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT, window=WINDOW,
+               scale=None):
+    """One NSA decoding step (see the section docstring): q [B, 1, HQ, D], k_cache, v_cache
+    [B, Tmax, H, D], k_cmp_cache, v_cmp_cache [B, Tcmax, H, D], g_* [B, 1, HQ], lengths [B]
+    -> o [B, 1, HQ, D]. Triton kernels for CUDA tensors (and CPU ones under
+    TRITON_INTERPRET=1), else nsa_decode_ref."""
+    check_block_sizes(block_len, block_stride, select_block, n_select, window)
+    check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,
+                        lengths, block_len, block_stride)
+    reason = _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache)
+    if reason is None:
+        return _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
+                               g_win, lengths, block_len, block_stride, select_block, n_select,
+                               window, _default_scale(q, scale))
+    if q.is_cuda:
+        _warn_once(f"nsa_decode: {reason}; using the (slow, host-syncing) PyTorch reference")
+    return nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,
+                          lengths, block_len=block_len, block_stride=block_stride,
+                          select_block=select_block, n_select=n_select, window=window,
+                          scale=scale)
+
+
+def nsa_decode_select(q, k_cache, k_cmp_cache, lengths, *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE,
+                      select_block=SELECT_BLOCK, n_select=N_SELECT, scale=None):
+    """The selection blocks nsa_decode's kernels choose (for tests and benchmarks): int32
+    [B, H, n], in increasing block order, -1 pads. k_cache only gives Tmax."""
+    check_block_sizes(block_len, block_stride, select_block, n_select, 1)
+    B, _, HQ, _ = q.shape
+    g = q.new_zeros(B, 1, HQ)
+    check_decode_inputs(q, k_cache, k_cache, k_cmp_cache, k_cmp_cache, g, g, g, lengths,
+                        block_len, block_stride)
+    reason = _decode_unsupported(q, k_cache, k_cache, k_cmp_cache, k_cmp_cache)
+    if reason is not None:
+        raise ValueError(f"nsa_decode_select runs the kernels only: {reason}")
+    B, Tmax, H, D = k_cache.shape
+    plan = _decode_plan(B, H, D, Tmax, q.element_size(), block_len, block_stride, select_block,
+                        n_select, 1)
+    return _decode_cmp_select(q.contiguous(), k_cmp_cache, k_cmp_cache, lengths, plan, Tmax,
+                              block_len, block_stride, select_block, n_select,
+                              _default_scale(q, scale))[3]
