@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import nsa_kernels as nk
+from model import GPT, DecodeGraph, GPTConfig, KVCache
 
 PAPER = dict(nk.PAPER_HP)
 SMALL = dict(block_len=16, block_stride=8, select_block=32, n_select=4, window=64)
@@ -246,3 +247,77 @@ def test_decode_cuda_graph_replays_after_lengths_change():
         assert torch.equal(out, eager), f"replay differs from an eager call at {new_lengths}"
         err_max, err_rel = errors(out, want)
         assert err_rel < 2e-2, f"lengths {new_lengths}: max {err_max:.2e}, rel {err_rel:.2e}"
+
+
+# --------------------------------------------------------------------------- the model's cache
+def tiny_model(attention, device="cpu", dtype=torch.float32):
+    """A 2-layer model whose head dim (16) the kernels take, with blocks small enough that a
+    hundred tokens cross many compression, selection and window boundaries."""
+    torch.manual_seed(5)
+    config = GPTConfig(block_size=128, vocab_size=67, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=64, attention=attention, block_len=16, block_stride=8,
+                       select_block=16, n_select=3, window=24)
+    return GPT(config).to(device, dtype).eval()
+
+
+def decode_logits(model, idx, lengths, steps, static=False):
+    """Prefill the right-padded prompts idx[:, :max(lengths)], then feed each sequence its own
+    next tokens of idx for `steps` steps; the logits [B, steps + 1, V] of every step."""
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    rows = torch.arange(idx.shape[0])
+    out = [model(idx[:, :max(lengths)], cache=cache, lengths=lengths)[0]]
+    cache.static = static
+    n = torch.tensor(lengths)
+    for s in range(steps):
+        out.append(model(idx[rows, n + s][:, None], cache=cache)[0])
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_cached_decoding_equals_the_full_forward(attention, static):
+    """Every step's logits equal the full forward's at that position: B = 2 with unequal
+    prompt lengths, across compression, selection and window boundaries (the kernels under the
+    interpreter; static: the CUDA-graph code path run eagerly)."""
+    model = tiny_model(attention)
+    idx = torch.randint(0, 67, (2, 80))
+    lengths, steps = [13, 37], 28
+    full, _ = model(idx, idx)
+    got, _ = decode_logits(model, idx, lengths, steps, static)
+    for b, n in enumerate(lengths):
+        err_max, err_rel = errors(got[b], full[b, n - 1:n + steps])
+        assert err_rel < 1e-5, f"sequence {b}: max {err_max:.2e}, rel {err_rel:.2e}"
+
+
+def test_cache_compresses_each_block_once():
+    """φ sees each completed compression block exactly once (the prefill's blocks, then one
+    per block a decoding step completes), and NSA's cache costs full attention's plus 1/d."""
+    model = tiny_model("nsa")
+    seen = []
+    model.transformer.h[0].attn.phi_k.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[:-2].numel()))
+    idx = torch.randint(0, 67, (2, 100))
+    _, cache = decode_logits(model, idx, [40, 40], 20)
+    assert sum(seen) == 2 * nk.num_compressed_blocks(60, 16, 8)
+    nsa_bytes = cache.nbytes_per_token()
+    _, full_cache = decode_logits(tiny_model("full"), idx, [40, 40], 1)
+    full_bytes = full_cache.nbytes_per_token()
+    assert full_bytes < nsa_bytes <= full_bytes * (1 + 1 / 8) * 1.01, (nsa_bytes, full_bytes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_decode_graph_replays_the_model_step(attention):
+    """A DecodeGraph step equals the eager step from the same cache, step after step."""
+    model = tiny_model(attention, "cuda", torch.bfloat16)
+    idx = torch.randint(0, 67, (3, 128), device="cuda")
+    lengths = [20, 45, 7]
+    eager, _ = decode_logits(model, idx, lengths, 30)
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    out = [model(idx[:, :max(lengths)], cache=cache, lengths=lengths)[0]]
+    step = DecodeGraph(model, cache)
+    rows, n = torch.arange(3, device="cuda"), torch.tensor(lengths, device="cuda")
+    for s in range(30):
+        out.append(step(idx[rows, n + s][:, None])[0].clone())
+    err_max, err_rel = errors(torch.cat(out, dim=1).float(), eager.float())
+    assert err_rel < 2e-2, f"max {err_max:.2e}, rel {err_rel:.2e}"
