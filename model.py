@@ -385,6 +385,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits: [B, T, V] -> [B, 1] token ids drawn from softmax(logits[:, -1] / temperature),
+    limited to the top_k likeliest (None or 0: all)."""
+    logits = logits[:, -1, :].float() / max(temperature, 1e-6)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits[logits < kth] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -524,11 +534,7 @@ class GPT(nn.Module):
                 step = DecodeGraph(self, cache) if cuda_graph else partial(self, cache=cache)
             else:
                 logits = step(out[rows, torch.tensor(n, device=idx.device) - 1][:, None])[0]
-            logits = logits[:, -1, :] / max(temperature, 1e-6)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+            idx_next = sample_next(logits, temperature, top_k)
             out[rows, torch.tensor(n, device=idx.device)] = idx_next[:, 0]
             n = [x + 1 for x in n]
             if max(cache.host_lengths) + 1 > self.config.block_size:

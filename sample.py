@@ -21,11 +21,9 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-from common import DTYPES, EOT, UserError, load_model, resolve_device, run_cli
-from model import DecodeGraph, KVCache
-from common import get_encoding
+from common import DTYPES, EOT, UserError, get_encoding, load_model, resolve_device, run_cli
+from model import DecodeGraph, KVCache, sample_next
 
 
 def parse_args(argv):
@@ -71,16 +69,6 @@ def read_prompt(start):
     except UnicodeDecodeError as e:
         raise UserError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte "
                         f"{e.start})") from None
-
-
-def sample_next(logits, temperature, top_k):
-    """logits: [B, 1, V] -> [B, 1] token ids drawn from softmax(logits / temperature), limited
-    to the top_k likeliest (0: all)."""
-    logits = logits[:, -1, :].float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits[logits < kth] = -float("inf")
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 def clock(dev):
