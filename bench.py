@@ -46,7 +46,7 @@ from triton.runtime.errors import OutOfResources
 
 import common
 import nsa_kernels as nk
-from model import GPT, GPTConfig, KVCache, nsa_key_counts
+from model import GPT, DecodeGraph, GPTConfig, KVCache, nsa_key_counts
 
 KERNEL_T = [4096, 8192, 16384, 32768, 65536, 131072]
 DECODE_T = [8192, 16384, 32768, 65536, 131072]
@@ -131,7 +131,7 @@ def parse_args(argv):
             raise common.UserError(f"{flag} {path}: not a file name in an existing folder")
     if args.plot:
         try:  # only with --plot: matplotlib is optional
-            import matplotlib.pyplot  # noqa: F401
+            import matplotlib.pyplot  # noqa: F401 (checked early, imported in plot_kernel)
         except ImportError as e:
             raise common.UserError(f"--plot needs matplotlib ({e})") from None
     return args
@@ -549,24 +549,26 @@ def gpt(fields, attention, T):
 
 @torch.no_grad()
 def generate_speed(fields, attention, B, T, steps):
-    """Prefill T - steps - 1 random tokens into a fresh KVCache (after a warm-up prefill of one
-    sequence), take one warm-up step, then time `steps` greedy steps by CUDA events."""
+    """Prefill T - steps - 2 random tokens into a fresh KVCache (after a warm-up prefill of one
+    sequence), capture a decoding step in a CUDA graph (model.DecodeGraph, for NSA and full
+    attention alike), take one warm-up step, then time `steps` greedy steps by CUDA events."""
     model = gpt(fields, attention, T).to(torch.bfloat16).eval()
-    prompt = torch.randint(model.config.vocab_size, (B, T - steps - 1), device="cuda")
+    prompt = torch.randint(model.config.vocab_size, (B, T - steps - 2), device="cuda")
     model(prompt[:1], cache=KVCache(model.config.n_layer, T))
     cache = KVCache(model.config.n_layer, T)
     prefill, prefilled, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(4))
     prefill.record()
     token = model(prompt, cache=cache)[0].argmax(-1)                       # [B, 1]
     prefilled.record()
-    token = model(token, cache=cache)[0].argmax(-1)
+    step = DecodeGraph(model, cache)
+    token = step(token)[0].argmax(-1)
     start.record()
     for _ in range(steps):
-        token = model(token, cache=cache)[0].argmax(-1)
+        token = step(token)[0].argmax(-1)
     end.record()
     end.synchronize()
     step_ms = start.elapsed_time(end) / steps
-    return dict(ms=step_ms, tokens_per_s=B * 1000 / step_ms, steps=steps,
+    return dict(ms=step_ms, tokens_per_s=B * 1000 / step_ms, steps=steps, method="graph",
                 prefill_s=prefill.elapsed_time(prefilled) / 1000,
                 cache_bytes_per_token=cache.nbytes_per_token(),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)

@@ -1,7 +1,7 @@
 """
 Native Sparse Attention (DeepSeek, arXiv 2502.11089): the attention functions nanoNSA calls.
 
-    o = g_cmp * Attn(q, K_cmp, V_cmp) + g_slc * Attn(q, K_slc, V_slc) + g_win * Attn(q, K_win, V_win)
+    o = g_cmp*Attn(q, K_cmp, V_cmp) + g_slc*Attn(q, K_slc, V_slc) + g_win*Attn(q, K_win, V_win)
 
 Public API (shapes: B batch, T tokens, HQ query heads, H key/value heads, G = HQ // H):
 
@@ -530,101 +530,193 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
         tl.store(dv + p_out, b_dv, mask=m_k[:, None])
 
 
+# Top-n selection keeps a running top-n per position in registers. A candidate is one int64
+# key: the fp32 score's bits (non-negative, so they order like the score; +inf for the forced
+# blocks) above the block index, so ties go to the larger block; ineligible blocks are -2^62.
+# Tiles with few positions merge each chunk's candidates by bitonic networks (a fixed cost per
+# chunk); tiles with many positions by insertion rounds (a cost per block that enters).
+
 @triton.jit
-def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.constexpr,
-                   CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
-                   BJ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr,
-                   BC: tl.constexpr, K: tl.constexpr):
-    """Top-n selection blocks for BT positions x G heads of one KV head (BM = BT*BG rows, the G
-    heads padded to BG = next_pow2(G)). Recomputes p_cmp = 2^(s2 - lse) chunk by chunk over the
-    compressed blocks, maps it onto selection blocks with the overlap weights (a [BC, K] matrix
-    that is the same for every chunk, since chunks start on selection-block boundaries), sums
-    the G heads, and merges the chunk's candidates into a running top-n kept in registers
-    (unsorted; sorted once at the end). A candidate is one int64: the fp32 score's bits
-    (non-negative, so they order like the score) above the block index; ineligible blocks are
-    NONE. Only [B, T, H, n] indices leave
-    the kernel."""
-    BT: tl.constexpr = BM // BG
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_r = tl.arange(0, BM)
-    o_g = o_r % BG
-    t = i_t * BT + o_r // BG                                                  # [BM]
-    m_r = (o_g < G) & (t < T)
-    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_g)
-    o_d = tl.arange(0, D)
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
-    b_lse = tl.load(lse + p_row, mask=m_r, other=float("inf"))
+def _slot_bit(N_DIMS: tl.constexpr, i: tl.constexpr):
+    """Bit i of the slot index on a [2] * N_DIMS hypercube (slot bits are the innermost axes)."""
+    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - 1 - i) + [2] + [1] * i)
 
-    # overlap weights: chunk column c is compressed block j0*R - M1 + c, column jj is selection
-    # block j0 + jj (R = l'/d compressed strides per selection block, M1 = l/d - 1 blocks
-    # reaching back into the previous selection block)
-    R: tl.constexpr = SBLK // CSTRIDE
-    M1: tl.constexpr = CBLK // CSTRIDE - 1
-    o_c = tl.arange(0, BC)
-    o_j = tl.arange(0, K)
-    c_start = (o_c - M1) * CSTRIDE                                            # [BC]
-    j_start = o_j * SBLK                                                      # [K]
-    b_w = (tl.minimum(c_start[:, None] + CBLK, j_start[None, :] + SBLK)
-           - tl.maximum(c_start[:, None], j_start[None, :]))
-    b_w = tl.where(o_j[None, :] < BJ, tl.maximum(b_w, 0).to(tl.float32) / CSTRIDE, 0.)  # [BC, K]
 
-    o_tt = i_t * BT + tl.arange(0, BT)                                        # [BT] positions
-    cur = o_tt // SBLK
-    t_hi = tl.minimum(i_t * BT + BT, T) - 1
-    # the running top-n, unsorted: slot i < n starts empty as -1 - i (distinct, so the minimum is
-    # always one slot), slots >= n hold FULL and are never the minimum
-    NONE: tl.constexpr = -(1 << 62)                                           # ineligible
-    FULL: tl.constexpr = (1 << 63) - 1                                        # unused slot
-    b_top = tl.where(o_j[None, :] < NSEL, -1 - o_j[None, :].to(tl.int64), FULL)
-    b_top = b_top + tl.zeros([BT, K], tl.int64)                               # [BT, K]
-    for j0 in range(0, t_hi // SBLK + 1, BJ):
-        o_ci = j0 * R - M1 + o_c                                              # [BC] cmp block ids
-        m_c = (o_ci >= 0) & (o_ci < TC)
-        p_key = (i_b * TC + o_ci).to(tl.int64) * H + i_h
-        b_kc = tl.load(k_cmp + p_key[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_kc)) * scale_log2                       # [BM, BC]
-        m_s = m_r[:, None] & m_c[None, :] & ((o_ci * CSTRIDE + CBLK - 1)[None, :] <= t[:, None])
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)
-        if BT * BC * K <= 8192:
-            # few positions (G large): sum the heads first, then weight in registers
-            b_ps = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)                   # [BT, BC]
-            b_sc = tl.sum(b_ps[:, :, None] * b_w[None, :, :], 1)              # [BT, K]
+@triton.jit
+def _compare_swap(b_x, flip, i: tl.constexpr, N_DIMS: tl.constexpr):
+    """One layer of a bitonic network on slot bit i: pairs of slots that differ in bit i are
+    ordered ascending where flip is 0 and descending where it is 1. The partner of each
+    element is the pair's sum minus itself (int64 wrap-around cancels): no gather needed."""
+    b_y = tl.sum(b_x, N_DIMS - 1 - i, keep_dims=True) - b_x
+    return tl.where((b_x > b_y) != (flip ^ _slot_bit(N_DIMS, i)), b_y, b_x)
+
+
+@triton.jit
+def _bitonic_sort(b_x, LOG_ROWS: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
+    """Sorts the rows of b_x [2^LOG_ROWS, 2^LOG_N] (int64 keys); DESCENDING is 0 or 1."""
+    N_DIMS: tl.constexpr = LOG_ROWS + LOG_N
+    b_h = tl.reshape(b_x, [2] * N_DIMS)
+    for stage in tl.static_range(1, LOG_N + 1):
+        if stage < LOG_N:
+            flip = _slot_bit(N_DIMS, stage)       # alternate runs of 2^stage: a bitonic input
         else:
-            b_sc = tl.dot(b_p, b_w, input_precision="ieee")                   # [BM, K]
-            b_sc = tl.sum(tl.reshape(b_sc, [BT, BG, K]), 1)                   # [BT, K]
-        b_sc = b_sc + 0.                                                      # no -0.0 bits
-        o_jj = j0 + o_j                                                       # [K]
-        m_elig = (o_j[None, :] < BJ) & (o_jj[None, :] * SBLK <= o_tt[:, None])
-        m_forced = ((o_jj[None, :] == 0) | (o_jj[None, :] == cur[:, None])
-                    | (o_jj[None, :] == cur[:, None] - 1))
-        b_sc = tl.where(m_forced, float("inf"), b_sc)
-        b_key = (b_sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_jj[None, :].to(tl.int64)
-        b_key = tl.where(m_elig, b_key, NONE)
-        # merge: a candidate enters by replacing the smallest member when it is larger. Most
-        # chunks far from the diagonal bring nothing that beats the current n-th best, so the
-        # number of rounds (the most any row of the tile needs) is usually 0 or 1; a sorted
-        # merge would pay n rounds of cross-warp reductions per chunk.
-        b_min = tl.min(b_top, 1)                                              # [BT]
+            flip = DESCENDING
+        for i in tl.static_range(stage):
+            b_h = _compare_swap(b_h, flip, stage - 1 - i, N_DIMS)
+    return tl.reshape(b_h, b_x.shape)
+
+
+@triton.jit
+def _bitonic_merge_desc(b_x, LOG_ROWS: tl.constexpr, LOG_N: tl.constexpr):
+    """Sorts rows of b_x that are bitonic (rise then fall, or fall then rise) descending."""
+    N_DIMS: tl.constexpr = LOG_ROWS + LOG_N
+    b_h = tl.reshape(b_x, [2] * N_DIMS)
+    for i in tl.static_range(LOG_N):
+        b_h = _compare_swap(b_h, 1, LOG_N - 1 - i, N_DIMS)
+    return tl.reshape(b_h, b_x.shape)
+
+
+@triton.jit
+def _merge_top(b_top, b_key, ROUNDS: tl.constexpr, BT: tl.constexpr, K: tl.constexpr,
+               NS: tl.constexpr, LOG_BT: tl.constexpr, LOG_K: tl.constexpr,
+               LOG_NS: tl.constexpr):
+    """The top NS of the running top b_top [BT, NS] and a chunk's keys b_key [BT, K >= NS].
+    Most chunks far from the diagonal bring nothing above a row's NS-th best: then nothing runs.
+    ROUNDS: b_top is unsorted; each round moves every row's best remaining key into the slot of
+    its smallest, as long as some row of the tile gains. Otherwise b_top is sorted descending
+    and merged with the sorted keys by bitonic networks."""
+    b_min = tl.min(b_top, 1)                                                  # [BT]
+    if ROUNDS:
         n_round = tl.max(tl.sum((b_key > b_min[:, None]).to(tl.int32), 1))
         for _ in range(n_round):
             b_best = tl.max(b_key, 1)                                         # [BT]
             b_min = tl.min(b_top, 1)
             m_in = (b_best > b_min)[:, None]
             b_top = tl.where(m_in & (b_top == b_min[:, None]), b_best[:, None], b_top)
-            b_key = tl.where(b_key == b_best[:, None], NONE, b_key)
-    # largest first (the forced blocks, score +inf, lead), empty slots last
-    b_out = tl.full([BT, K], -1, tl.int64)
-    b_top = tl.where(o_j[None, :] < NSEL, b_top, NONE)
-    for i_r in tl.static_range(NSEL):
-        b_max = tl.max(b_top, 1)                                              # [BT]
-        b_out = tl.where(o_j[None, :] == i_r, b_max[:, None], b_out)
-        b_top = tl.where(b_top == b_max[:, None], NONE, b_top)
-    b_top = b_out
+            b_key = tl.where(b_key == b_best[:, None], -(1 << 62), b_key)
+    else:
+        if tl.max((tl.max(b_key, 1) > b_min).to(tl.int32), 0) > 0:
+            b_cand = _bitonic_sort(b_key, LOG_BT, LOG_K, 0)                   # ascending
+            # the largest NS of an ascending row are its last NS slots, and the elementwise
+            # maximum over the [K / NS, NS] split picks exactly those
+            b_cand = tl.max(tl.reshape(b_cand, [BT, K // NS, NS]), 1)         # [BT, NS]
+            # descending top vs ascending candidates: the elementwise maximum is the top NS
+            # of the union, as a bitonic sequence (the first layer of Batcher's merge)
+            b_top = _bitonic_merge_desc(tl.maximum(b_top, b_cand), LOG_BT, LOG_NS)
+    return b_top
+
+
+@triton.jit
+def _chunk_keys(k_cmp, b_q, b_lse, b_w, t_row, o_tt, j0, i_b, i_h, TC, H, scale_log2,
+                MASKED: tl.constexpr, CBLK: tl.constexpr, CSTRIDE: tl.constexpr,
+                SBLK: tl.constexpr, BJ: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                BG: tl.constexpr, BC: tl.constexpr, K: tl.constexpr):
+    """Keys [BT, K] of selection blocks j0 .. j0 + BJ - 1 for the tile's positions o_tt [BT]
+    (rows: t_row [BM]). MASKED: the chunk may hold compressed blocks that some position does
+    not see yet, or that do not exist."""
+    R: tl.constexpr = SBLK // CSTRIDE
+    M1: tl.constexpr = CBLK // CSTRIDE - 1
+    o_c = tl.arange(0, BC)
+    o_ci = j0 * R - M1 + o_c                                                  # [BC] cmp block ids
+    o_d = tl.arange(0, D)
+    p_kc = k_cmp + ((i_b * TC + o_ci).to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]
+    if MASKED:
+        m_c = (o_ci >= 0) & (o_ci < TC)
+        b_kc = tl.load(p_kc, mask=m_c[:, None], other=0.)
+    else:
+        b_kc = tl.load(p_kc)
+    b_s = tl.dot(b_q, tl.trans(b_kc))                                         # [BM, BC]
+    b_p = tl.exp2(b_s * scale_log2 - b_lse[:, None])         # padded rows: lse = +inf -> 0
+    if MASKED:
+        m_s = m_c[None, :] & ((o_ci * CSTRIDE + CBLK - 1)[None, :] <= t_row[:, None])
+        b_p = tl.where(m_s, b_p, 0.)
+    # sum the G heads before the overlap weighting (G times less weighting work)
+    b_ps = tl.sum(tl.reshape(b_p, [BT, BG, BC]), 1)                           # [BT, BC]
+    # overlap weights in full fp32 (small integers times probabilities); no -0.0 bits
+    b_sc = tl.dot(b_ps, b_w, input_precision="ieee") + 0.                     # [BT, K]
+    o_k = tl.arange(0, K)
+    o_jj = j0 + o_k                                                           # [K]
+    cur = o_tt // SBLK                                                        # [BT]
+    m_elig = (o_k[None, :] < BJ) & (o_jj[None, :] * SBLK <= o_tt[:, None])
+    m_forced = ((o_jj[None, :] == 0) | (o_jj[None, :] == cur[:, None])
+                | (o_jj[None, :] == cur[:, None] - 1))
+    b_sc = tl.where(m_forced, float("inf"), b_sc)
+    b_key = (b_sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | o_jj[None, :].to(tl.int64)
+    return tl.where(m_elig, b_key, -(1 << 62))
+
+
+@triton.jit
+def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.constexpr,
+                   CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
+                   BJ: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr,
+                   BC: tl.constexpr, K: tl.constexpr, NS: tl.constexpr, LOG_BT: tl.constexpr,
+                   LOG_K: tl.constexpr, LOG_NS: tl.constexpr, ROUNDS: tl.constexpr):
+    """Top-n selection blocks of BT positions of one KV head: the tile's BM = BT*BG rows are
+    the G heads of each position (row r: position r // BG, head r % BG; heads padded to
+    BG = next_pow2(G)), so each chunk of compressed keys is one tensor-core product for all of
+    them. Chunk by chunk over the compressed blocks (BJ selection blocks at a time; chunks start
+    on selection-block boundaries, so the [BC, K] overlap-weight matrix is the same for every
+    chunk): recompute p_cmp = 2^(s2 - lse), sum the G heads, weight onto selection blocks,
+    merge into the running top NS = next_pow2(n). Only [B, T, H, n] indices leave the kernel."""
+    BM: tl.constexpr = BT * BG
+    M1: tl.constexpr = CBLK // CSTRIDE - 1
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t_lo = i_t * BT
+    o_m = tl.arange(0, BM)
+    t_row, g_row = t_lo + o_m // BG, o_m % BG                                 # [BM]
+    m_row = (g_row < G) & (t_row < T)
+    p_row = (i_b * T + t_row).to(tl.int64) * HQ + i_h * G + g_row
+    o_d = tl.arange(0, D)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.)
+    b_lse = tl.load(lse + p_row, mask=m_row, other=float("inf"))              # [BM]
+    o_tt = t_lo + tl.arange(0, BT)                                            # [BT] positions
+
+    # overlap weights: chunk row c is compressed block j0*R - M1 + c, column jj is selection
+    # block j0 + jj (R = l'/d strides per selection block, M1 = l/d - 1 blocks reaching back
+    # into the previous selection block)
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, K)
+    c_start = (o_c - M1) * CSTRIDE                                            # [BC]
+    j_start = o_k * SBLK                                                      # [K]
+    b_w = (tl.minimum(c_start[:, None] + CBLK, j_start[None, :] + SBLK)
+           - tl.maximum(c_start[:, None], j_start[None, :]))
+    b_w = tl.where(o_k[None, :] < BJ, tl.maximum(b_w, 0).to(tl.float32) / CSTRIDE, 0.)  # [BC, K]
+
+    # chunks 0 .. n_chunk - 1 hold the tile's eligible blocks. Chunk i_c is full (every block
+    # exists and every position of the tile sees it: no masks, pipelined loads) iff its last
+    # block (i_c*BJ*R - M1 + BC - 1) ends at or before t_lo; chunks FULL_LO .. full_hi - 1 are
+    # (all but the last one or two far from the start). Chunk 0 reaches back to block -M1.
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    n_chunk = t_hi // SBLK // BJ + 1
+    FULL_LO: tl.constexpr = 1 if M1 > 0 else 0
+    room = t_lo - CBLK + 1 - (BC - 1 - M1) * CSTRIDE        # full iff i_c*BJ*l' <= room
+    full_hi = tl.maximum(tl.maximum(room + BJ * SBLK, 0) // (BJ * SBLK), FULL_LO)
+    o_s = tl.arange(0, NS)
+    if ROUNDS:
+        # empty slots i < n hold -1 - i (distinct, so a row's minimum is one slot), slots >= n
+        # the largest key (never the minimum)
+        b_top = tl.where(o_s[None, :] < NSEL, -1 - o_s[None, :].to(tl.int64), (1 << 63) - 1)
+        b_top = b_top + tl.zeros([BT, NS], tl.int64)
+    else:
+        b_top = tl.full([BT, NS], -(1 << 62), tl.int64)                      # sorted, desc
+    for i_c in range(FULL_LO, full_hi):
+        b_key = _chunk_keys(k_cmp, b_q, b_lse, b_w, t_row, o_tt, i_c * BJ, i_b, i_h, TC, H,
+                            scale_log2, False, CBLK, CSTRIDE, SBLK, BJ, D, BT, BG, BC, K)
+        b_top = _merge_top(b_top, b_key, ROUNDS, BT, K, NS, LOG_BT, LOG_K, LOG_NS)
+    for i_m in range(0, FULL_LO + n_chunk - full_hi):
+        i_c = tl.where(i_m < FULL_LO, i_m, i_m - FULL_LO + full_hi)
+        b_key = _chunk_keys(k_cmp, b_q, b_lse, b_w, t_row, o_tt, i_c * BJ, i_b, i_h, TC, H,
+                            scale_log2, True, CBLK, CSTRIDE, SBLK, BJ, D, BT, BG, BC, K)
+        b_top = _merge_top(b_top, b_key, ROUNDS, BT, K, NS, LOG_BT, LOG_K, LOG_NS)
+    if ROUNDS:
+        # largest first (the forced blocks, score +inf, lead), empty slots last
+        b_top = _bitonic_sort(tl.where(o_s[None, :] < NSEL, b_top, -(1 << 62)), LOG_BT,
+                              LOG_NS, 1)
     b_idx = tl.where(b_top >= 0, b_top.to(tl.int32), -1)            # low 32 bits: the block
     p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
-    tl.store(idx + p_idx[:, None] + o_j[None, :], b_idx,
-             mask=(o_tt[:, None] < T) & (o_j[None, :] < NSEL))
+    tl.store(idx + p_idx[:, None] + o_s[None, :], b_idx,
+             mask=(o_tt[:, None] < T) & (o_s[None, :] < NSEL))
 
 
 @triton.jit
@@ -922,22 +1014,43 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
         num_warps=_num_warps(BM, D), num_stages=2)
 
 
+def _select_tiles(G, D, elem_size, block_len, block_stride, select_block, n_select):
+    """Tiles of _select_kernel: (BT, BG, BC, BJ, K, NS, rounds) = positions and padded heads per
+    tile, compressed and selection blocks per chunk, candidate slots per chunk, top-n slots, and
+    the merge (insertion rounds, else bitonic networks)."""
+    # H200, T=64k, bf16, D=128, paper hyperparameters (2026-11-29): at G=16, 128 rows (8
+    # positions), 4 warps, 64 compressed blocks per chunk and the bitonic merge took 10.66 ms,
+    # the previous kernel (64 rows, insertion rounds) 17.2 ms; 256 rows and 8 warps: 11.4 ms,
+    # and with 128 blocks per chunk: 15.3 ms. The bitonic merge costs the same per position
+    # whatever enters; insertion rounds cost per tile what its busiest position needs, cheap
+    # over many positions. So groups of G < 8 (32 to 64 positions per tile) keep the previous
+    # kernel's rounds, expected near its speed (3.0 ms at G=1, where 256 positions merged
+    # bitonic took 8.7 ms), not measured. A tile's q block stays near 64 KB. The interpreter
+    # pays per operation, not per element: 1024 rows, up to 256 positions.
+    BG = triton.next_power_of_2(G)
+    rows = min(1024 if _INTERPRET else 128, max(16, 65536 // (D * elem_size)))
+    BT = max(1, min(rows // BG, 256 if _INTERPRET else 64))
+    R, M1 = select_block // block_stride, block_len // block_stride - 1
+    BC = max(64, triton.next_power_of_2(R + M1))
+    BJ = (BC - M1) // R
+    NS = triton.next_power_of_2(n_select)
+    K = max(16, triton.next_power_of_2(BJ), NS)
+    return BT, BG, BC, BJ, K, NS, BG < 8
+
+
 def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scale):
     B, T, HQ, D = q.shape
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
-    BG = triton.next_power_of_2(G)
-    BM = max(64, BG)
-    R, M1 = select_block // block_stride, block_len // block_stride - 1
-    BC = max(64, triton.next_power_of_2(R + M1))
-    BJ = (BC - M1) // R
-    K = max(16, triton.next_power_of_2(n_select), triton.next_power_of_2(BJ))
+    BT, BG, BC, BJ, K, NS, rounds = _select_tiles(G, D, q.element_size(), block_len,
+                                                  block_stride, select_block, n_select)
     idx = _alloc((B, T, H, n_select), torch.int32, q.device, fill=-2)
     kc = k_cmp if Tc > 0 else q.new_zeros(1)   # nothing is loaded when Tc == 0
-    _select_kernel[(triton.cdiv(T, BM // BG), B * H)](
+    _select_kernel[(triton.cdiv(T, BT), B * H)](
         q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
-        CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BM=BM, BG=BG,
-        BC=BC, K=K, num_warps=_num_warps(BM, D), num_stages=2)
+        CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BT=BT, BG=BG,
+        BC=BC, K=K, NS=NS, LOG_BT=BT.bit_length() - 1, LOG_K=K.bit_length() - 1,
+        LOG_NS=NS.bit_length() - 1, ROUNDS=rounds, num_warps=4, num_stages=2)
     return idx
 
 
@@ -1185,7 +1298,8 @@ def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_
 
 
 def nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths,
-                   *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT, window=WINDOW,
+                   *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK,
+                   n_select=N_SELECT, window=WINDOW,
                    scale=None):
     """The definition of nsa_decode (plain PyTorch, reads lengths on the host): per sequence,
     nsa_attention_ref over the caches cut to lengths[b], q the last query. -> [B, 1, HQ, D]"""
@@ -1670,7 +1784,8 @@ def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache):
 
 @torch.compiler.disable  # a torch.compile'd model runs the kernels as they are (graph break)
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths, *,
-               block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT, window=WINDOW,
+               block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK,
+               n_select=N_SELECT, window=WINDOW,
                scale=None):
     """One NSA decoding step (see the section docstring): q [B, 1, HQ, D], k_cache, v_cache
     [B, Tmax, H, D], k_cmp_cache, v_cmp_cache [B, Tcmax, H, D], g_* [B, 1, HQ], lengths [B]
@@ -1692,7 +1807,8 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_wi
                           scale=scale)
 
 
-def nsa_decode_select(q, k_cache, k_cmp_cache, lengths, *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE,
+def nsa_decode_select(q, k_cache, k_cmp_cache, lengths, *, block_len=BLOCK_LEN,
+                      block_stride=BLOCK_STRIDE,
                       select_block=SELECT_BLOCK, n_select=N_SELECT, scale=None):
     """The selection blocks nsa_decode's kernels choose (for tests and benchmarks): int32
     [B, H, n], in increasing block order, -1 pads. k_cache only gives Tmax."""

@@ -27,7 +27,8 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from common import EOT, UserError, atomic_write, find_tokenizer_dir, get_encoding, package_dir, run_cli
+from common import (EOT, UserError, atomic_write, find_tokenizer_dir, get_encoding, package_dir,
+                    run_cli)
 
 # --------------------------------------------------------------------------- sources
 

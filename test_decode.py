@@ -1,5 +1,6 @@
 """
-Tests of NSA decoding (nsa_kernels.nsa_decode, model.py's KV cache). Run (CPU, kernels under the Triton interpreter):
+Tests of NSA decoding (nsa_kernels.nsa_decode, model.py's KV cache). Run (CPU, kernels
+under the Triton interpreter):
 
     TRITON_INTERPRET=1 python -m pytest -q test_decode.py
 
