@@ -455,16 +455,13 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1)
             return logits, loss
-        if cache is not None:
+        if cache is not None and cache.lengths is None:   # prefill done
             last = torch.tensor(cache.host_lengths, device=idx.device) - 1
-            if cache.lengths is None:   # prefill done
-                cache.lengths = last.to(torch.int32) + 1
-            else:                       # one more token per sequence
-                cache.lengths += 1
-                cache.host_lengths = [n + 1 for n in cache.host_lengths]
-                last = None
-            if last is not None:
-                x = x[torch.arange(B, device=idx.device), last][:, None]
+            cache.lengths = last.to(torch.int32) + 1
+            x = x[torch.arange(B, device=idx.device), last][:, None]
+        elif cache is not None:                            # one more token per sequence
+            cache.lengths += 1
+            cache.host_lengths = [n + 1 for n in cache.host_lengths]
         return self.lm_head(x[:, [-1], :]), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
