@@ -390,7 +390,7 @@ def sample_next(logits, temperature=1.0, top_k=None):
     limited to the top_k likeliest (None or 0: all)."""
     logits = logits[:, -1, :].float() / max(temperature, 1e-6)
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits[logits < kth] = -float("inf")
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
@@ -462,7 +462,7 @@ class GPT(nn.Module):
         elif cache is not None:                            # one more token per sequence
             cache.lengths += 1
             cache.host_lengths = [n + 1 for n in cache.host_lengths]
-        return self.lm_head(x[:, [-1], :]), None
+        return self.lm_head(x[:, -1:, :]), None
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; matrices (and embeddings) decay, vectors (biases, norms, gates' bias) do not."""
