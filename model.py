@@ -136,6 +136,7 @@ class KVCache:
         self.lengths = None
         self.host_lengths = None
         self.static = False   # set by DecodeGraph: decoding steps read no host values
+        self.compress = True  # static steps: whether this step's graph compresses blocks
 
     def allocate(self, layer, name, like, length):
         """A zeroed buffer `name` of layer: like's shape with dim 1 replaced by length."""
@@ -154,36 +155,46 @@ class DecodeGraph:
     """One decoding step of `model` captured in a CUDA graph and replayed per token: a step
     of a small batch is hundreds of tiny kernels, bound by launch overhead rather than by the
     GPU (as gpt-fast and vLLM do). Needs a prefilled cache on a CUDA device; the step then
-    reads no host values (cache.static), so one capture serves every later step.
+    reads no host values (cache.static), so one capture serves every later step. NSA gets two
+    graphs: one that also compresses the blocks the step completes, replayed when some
+    sequence completes one (every d-th step when the lengths are equal), and one that does
+    not, which skips φ's dozens of small kernels on the other steps.
     Usage: step = DecodeGraph(model, cache); logits, _ = step(next_tokens [B, 1])."""
 
     def __init__(self, model, cache):
         if cache.lengths is None or not cache.lengths.is_cuda:
             raise ValueError("DecodeGraph needs a cache prefilled on a CUDA device")
-        self.cache, cache.static = cache, True
+        self.cache, self.config, cache.static = cache, model.config, True
         self.tokens = torch.zeros(len(cache.host_lengths), 1, dtype=torch.long,
                                   device=cache.lengths.device)
         lengths, host = cache.lengths.clone(), list(cache.host_lengths)
-        # warm-up (Triton compilation) on a side stream, as torch.cuda.graph asks; its writes
-        # land past each sequence's end, where the real steps overwrite them
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model(self.tokens, cache=cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        cache.lengths.copy_(lengths)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, _ = model(self.tokens, cache=cache)
-        cache.host_lengths = host  # capturing ran the Python bookkeeping, not the kernels
+        self.graphs, self.logits, pool = {}, {}, None
+        for compress in ((False, True) if model.config.attention == "nsa" else (True,)):
+            cache.compress = compress
+            # warm-up (Triton compilation) on a side stream, as torch.cuda.graph asks; its
+            # writes land past each sequence's end, where the real steps overwrite them
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                model(self.tokens, cache=cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            cache.lengths.copy_(lengths)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[compress], _ = model(self.tokens, cache=cache)
+            self.graphs[compress], pool = graph, graph.pool()
+            cache.host_lengths = list(host)  # capturing ran the Python bookkeeping only
 
     def __call__(self, tokens):
-        if max(self.cache.host_lengths) + 1 > self.cache.max_len:
-            raise ValueError(f"the KV cache holds {self.cache.max_len} tokens and is full")
+        cache, l, d = self.cache, self.config.block_len, self.config.block_stride
+        if max(cache.host_lengths) + 1 > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} tokens and is full")
+        compress = len(self.graphs) == 1 or any(n + 1 >= l and (n + 1 - l) % d == 0
+                                                for n in cache.host_lengths)
         self.tokens.copy_(tokens)
-        self.graph.replay()
-        self.cache.host_lengths = [n + 1 for n in self.cache.host_lengths]
-        return self.logits, None
+        self.graphs[compress].replay()
+        cache.host_lengths = [n + 1 for n in cache.host_lengths]
+        return self.logits[compress], None
 
 
 class Attention(nn.Module):
@@ -313,9 +324,11 @@ class Attention(nn.Module):
             return y.transpose(1, 2)
         l, d = cfg.block_len, cfg.block_stride
         store["ring_k"][rows, t % l], store["ring_v"][rows, t % l] = k_raw[:, 0], v_raw[:, 0]
-        first = new_lengths.long() - l                                        # [B] block starts
-        complete = (first >= 0) & (first % d == 0)
-        if cache.static:
+        first = new_lengths.long() - l            # [B] the start of the block ending here
+        if cache.static and not cache.compress:
+            sel = rows[:0]   # no sequence completes a block this step (DecodeGraph knows)
+        elif cache.static:   # every row; an incomplete block goes to the spare row
+            complete = (first >= 0) & (first % d == 0)
             sel, block = rows, torch.where(complete, first // d, store["k_cmp"].shape[1] - 1)
         else:
             done = [b for b, n in enumerate(cache.host_lengths)
