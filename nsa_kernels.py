@@ -1545,14 +1545,7 @@ def _decode_attend(b_q, k, v, p_kv, s_t, lo, hi, b_m, b_l, b_acc, scale_log2,
         b_k = tl.load(k + p_k, mask=m_k[:, None], other=0.)                   # [BN, D]
         b_v = tl.load(v + p_k, mask=m_k[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                         # [BG, BN]
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_m_new
+        b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc)
     return b_m, b_l, b_acc
 
 
