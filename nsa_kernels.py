@@ -1299,24 +1299,27 @@ def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_
 
 def nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths,
                    *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK,
-                   n_select=N_SELECT, window=WINDOW,
-                   scale=None):
+                   n_select=N_SELECT, window=WINDOW, scale=None):
     """The definition of nsa_decode (plain PyTorch, reads lengths on the host): per sequence,
-    nsa_attention_ref over the caches cut to lengths[b], q the last query. -> [B, 1, HQ, D]"""
+    nsa_attention_ref over the caches cut to lengths[b], q the last query (sequences of one
+    length in one call). -> [B, 1, HQ, D]"""
     check_block_sizes(block_len, block_stride, select_block, n_select, window)
     B, Tmax, HQ, H, D = check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp,
                                             g_slc, g_win, lengths, block_len, block_stride)
     hp = dict(block_len=block_len, block_stride=block_stride, select_block=select_block,
               n_select=n_select, window=window, scale=scale)
-    out = []
-    for b, T in enumerate(lengths.tolist()):
+    host = lengths.tolist()
+    for b, T in enumerate(host):
         if not 1 <= T <= Tmax:
             raise ValueError(f"lengths[{b}] = {T} is outside [1, Tmax = {Tmax}]")
+    out = torch.empty_like(q)
+    for T in set(host):
+        rows = torch.tensor([b for b in range(B) if host[b] == T], device=q.device)
         Tc = num_compressed_blocks(T, block_len, block_stride)
-        out.append(nsa_attention_ref(
-            q[b:b + 1], k_cache[b:b + 1, :T], v_cache[b:b + 1, :T], k_cmp_cache[b:b + 1, :Tc],
-            v_cmp_cache[b:b + 1, :Tc], g_cmp[b:b + 1], g_slc[b:b + 1], g_win[b:b + 1], **hp))
-    return torch.cat(out)
+        out[rows] = nsa_attention_ref(
+            q[rows], k_cache[rows, :T], v_cache[rows, :T], k_cmp_cache[rows, :Tc],
+            v_cmp_cache[rows, :Tc], g_cmp[rows], g_slc[rows], g_win[rows], **hp)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
