@@ -30,7 +30,6 @@ import dataclasses
 import gc
 import json
 import os
-import runpy
 import shlex
 import statistics
 
@@ -143,7 +142,7 @@ def lengths(args, default):
 
 def model_fields(path):
     """GPTConfig's fields as a config file sets them (its other settings are train.py's)."""
-    values = runpy.run_path(os.path.join(common.ROOT, path))
+    values = common.read_config(os.path.join(common.ROOT, path))
     return {f.name: values.get(f.name, f.default) for f in dataclasses.fields(GPTConfig)}
 
 

@@ -6,6 +6,7 @@ No script imports another script; they all import this.
 """
 import ast
 import builtins
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -55,6 +56,20 @@ def parse_value(key, value, default, source):
     return value
 
 
+def read_config(path):
+    """The settings a config file (plain Python assignments) makes, by name."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    values = {}
+    with open(path) as f:
+        source = f.read()
+    try:  # builtins.compile: a setting named `compile` shadows the builtin in scripts
+        exec(builtins.compile(source, path, "exec"), {}, values)
+    except Exception as e:  # whatever a config file's own code raises, reported as such
+        raise UserError(f"config file {path} failed: {type(e).__name__}: {e}") from e
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
 def apply_config(args, settings):
     """Apply config files (plain Python assignments) and --key=value arguments, in order, to
     settings (a dict of defaults). Returns (settings, the set of keys that were given)."""
@@ -71,18 +86,7 @@ def apply_config(args, settings):
                                         f"--{key}={arg[2 + len(key) + 1:]}")
             given.add(key)
             continue
-        if not os.path.isfile(arg):
-            raise UserError(f"config file {arg} not found")
-        values = {}
-        with open(arg) as f:
-            source = f.read()
-        try:  # builtins.compile: a setting named `compile` shadows the builtin in scripts
-            exec(builtins.compile(source, arg, "exec"), {}, values)
-        except Exception as e:  # whatever a config file's own code raises, reported as such
-            raise UserError(f"config file {arg} failed: {type(e).__name__}: {e}") from e
-        for key, value in values.items():
-            if key.startswith("_"):
-                continue
+        for key, value in read_config(arg).items():
             if key not in settings:
                 raise UserError(f"unknown setting {key!r} in config file {arg}")
             settings[key] = parse_value(key, value, settings[key], f"config file {arg}")
@@ -121,6 +125,17 @@ def resolve_device(device, dtype):
     if dtype not in DTYPES:
         raise UserError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     return dev, dtype
+
+
+def autocast(dev, dtype):
+    """The mixed-precision context of a run in dtype (a DTYPES name) on dev; on CUDA also
+    allows TF32 for the fp32 matmuls left outside it."""
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=DTYPES[dtype])
 
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s per GPU, by a substring of the device name,
@@ -174,16 +189,24 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def load_model(path, device):
-    """(GPT in eval mode on device, checkpoint dict without the weights) from a ckpt.pt."""
+def build_model(ckpt, path, device, **overrides):
+    """The GPT of a loaded checkpoint, in eval mode on device; overrides change GPTConfig
+    fields that size no parameter (block_size: RoPE has no position table)."""
     from model import GPT, GPTConfig
-    ckpt = load_checkpoint(path)
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt.pop("model"))
+        model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
+        model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} does not fit this model.py: {e}") from e
-    return model.eval().to(device), ckpt
+    return model.eval().to(device)
+
+
+def load_model(path, device):
+    """(GPT in eval mode on device, checkpoint dict without the weights) from a ckpt.pt."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, path, device)
+    del ckpt["model"]
+    return model, ckpt
 
 
 # ----------------------------------------------------------------------------- tokenizer

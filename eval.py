@@ -41,7 +41,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -75,15 +75,8 @@ def build_model(info, ckpt, device, context):
     """The run's GPT in eval mode on device, built for max(block_size, context) tokens:
     block_size bounds the input length and sizes no parameter (RoPE has no position table),
     so the trained weights load unchanged into the longer model."""
-    from model import GPT, GPTConfig
-    args = {**ckpt["model_args"], "block_size": max(info["block_size"], context)}
-    try:
-        model = GPT(GPTConfig(**args))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"checkpoint {info['out_dir']}/ckpt.pt does not fit this model.py: "
-                        f"{e}") from e
-    return model.eval().to(device)
+    return common.build_model(ckpt, os.path.join(info["out_dir"], "ckpt.pt"), device,
+                              block_size=max(info["block_size"], context))
 
 
 def label(info):
@@ -224,11 +217,7 @@ def plot_loss(results, buckets, T, path):
 
 
 def cmd_loss(args):
-    out_dirs = split_runs(args.out_dir)
-    if args.plot:
-        pyplot()
-    runs = read_runs(out_dirs)
-    infos = [info for info, _ in runs]
+    runs, infos = open_runs(args)
     T = args.T if args.T is not None else min(i["block_size"] for i in infos)
     if T < 1 or args.windows < 1 or args.batch_size < 1:
         raise UserError("--T, --windows and --batch_size must be >= 1")
@@ -432,11 +421,7 @@ def plot_passkey(results, lengths, depths, path):
 
 
 def cmd_passkey(args):
-    out_dirs = split_runs(args.out_dir)
-    if args.plot:
-        pyplot()
-    runs = read_runs(out_dirs)
-    infos = [info for info, _ in runs]
+    runs, infos = open_runs(args)
     block_size = min(i["block_size"] for i in infos)
     lengths = (sorted(set(parse_sizes(args.lengths, "lengths"))) if args.lengths
                else default_lengths(block_size))
@@ -498,21 +483,21 @@ def cmd_passkey(args):
 
 
 # ----------------------------------------------------------------------------- shared
-def split_runs(text):
-    out_dirs = [d.strip() for d in text.split(",") if d.strip()]
+def open_runs(args):
+    """The runs of --out_dir (comma-separated) and their infos; with --plot, checks first that
+    matplotlib imports, so that a missing one stops before any evaluation."""
+    out_dirs = [d.strip() for d in args.out_dir.split(",") if d.strip()]
     if not out_dirs:
         raise UserError("--out_dir must name at least one run folder")
-    return out_dirs
+    if args.plot:
+        pyplot()
+    runs = read_runs(out_dirs)
+    return runs, [info for info, _ in runs]
 
 
 def device_and_autocast(args):
     dev, dtype = common.resolve_device(args.device, args.dtype)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = nullcontext() if dtype == "float32" else \
-        torch.autocast(device_type=dev.type, dtype=common.DTYPES[dtype])
-    return dev, dtype, autocast
+    return dev, dtype, common.autocast(dev, dtype)
 
 
 def pyplot():

@@ -144,6 +144,11 @@ class KVCache:
         store[name] = like.new_zeros(like.shape[0], length, *like.shape[2:])
         return store[name]
 
+    def completing(self, block_len, block_stride):
+        """The sequences whose next token completes a compression block (its last token)."""
+        return [b for b, n in enumerate(self.host_lengths)
+                if n + 1 >= block_len and (n + 1 - block_len) % block_stride == 0]
+
     def nbytes_per_token(self):
         """Bytes of cache per token of context, summed over layers (the ring is not per token)."""
         total = sum(t.numel() * t.element_size() for store in self.layers
@@ -186,11 +191,11 @@ class DecodeGraph:
             cache.host_lengths = list(host)  # capturing ran the Python bookkeeping only
 
     def __call__(self, tokens):
-        cache, l, d = self.cache, self.config.block_len, self.config.block_stride
+        cache = self.cache
         if max(cache.host_lengths) + 1 > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} tokens and is full")
-        compress = len(self.graphs) == 1 or any(n + 1 >= l and (n + 1 - l) % d == 0
-                                                for n in cache.host_lengths)
+        compress = len(self.graphs) == 1 or bool(
+            cache.completing(self.config.block_len, self.config.block_stride))
         self.tokens.copy_(tokens)
         self.graphs[compress].replay()
         cache.host_lengths = [n + 1 for n in cache.host_lengths]
@@ -331,9 +336,7 @@ class Attention(nn.Module):
             complete = (first >= 0) & (first % d == 0)
             sel, block = rows, torch.where(complete, first // d, store["k_cmp"].shape[1] - 1)
         else:
-            done = [b for b, n in enumerate(cache.host_lengths)
-                    if n + 1 >= l and (n + 1 - l) % d == 0]
-            sel = torch.tensor(done, dtype=torch.long, device=q.device)
+            sel = torch.tensor(cache.completing(l, d), dtype=torch.long, device=q.device)
             block = first[sel] // d
         if sel.numel():
             slots = (first[sel, None] + torch.arange(l, device=q.device)) % l  # [n, l] in order

@@ -179,9 +179,15 @@ def _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, blo
     if k_cmp.shape[2] != H:
         raise ValueError(f"k_cmp has {k_cmp.shape[2]} heads, k has {H}: they must match")
     _check_compressed_keys(k_cmp, T, block_len, block_stride)
-    for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
+    _check_gates(q, "[B, T, HQ]", g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
+
+
+def _check_gates(q, shape, **gates):
+    """Gates, by name: floating tensors [B, T, HQ] (shape names the form) on q's device."""
+    B, Tq, HQ, _ = q.shape
+    for name, g in gates.items():
         if tuple(g.shape) != (B, Tq, HQ):
-            raise ValueError(f"{name} must be [B, T, HQ] = [{B}, {Tq}, {HQ}], got "
+            raise ValueError(f"{name} must be {shape} = [{B}, {Tq}, {HQ}], got "
                              f"{tuple(g.shape)}")
         if not g.is_floating_point() or g.device != q.device:
             raise ValueError(f"{name} must be a floating tensor on {q.device}, got {g.dtype} "
@@ -1255,18 +1261,9 @@ def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, HQ, D] (one new token per sequence), got shape "
                          f"{tuple(q.shape)}")
-    B, _, HQ, D = q.shape
-    if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache must be [B, Tmax, H, D] = [{B}, Tmax, H, {D}], got "
-                         f"{tuple(k_cache.shape)}")
-    Tmax, H = k_cache.shape[1], k_cache.shape[2]
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
-                         f"{tuple(v_cache.shape)}")
+    B, _, HQ, H, D, Tmax = _check_keys(q, k_cache=k_cache, v_cache=v_cache)
     if Tmax < 1:
         raise ValueError("k_cache must hold at least one token slot (Tmax >= 1)")
-    if HQ % H != 0:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({H})")
     Tc_need = num_compressed_blocks(Tmax, block_len, block_stride)
     if (k_cmp_cache.dim() != 4 or k_cmp_cache.shape[0] != B or k_cmp_cache.shape[2:] != (H, D)
             or k_cmp_cache.shape[1] < Tc_need or v_cmp_cache.shape != k_cmp_cache.shape):
@@ -1274,18 +1271,8 @@ def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_
                          f"{H}, {D}] with Tcmax >= {Tc_need} (the compressed blocks of Tmax = "
                          f"{Tmax} tokens), got {tuple(k_cmp_cache.shape)} and "
                          f"{tuple(v_cmp_cache.shape)}")
-    for name, g in [("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)]:
-        if tuple(g.shape) != (B, 1, HQ):
-            raise ValueError(f"{name} must be [B, 1, HQ] = [{B}, 1, {HQ}], got {tuple(g.shape)}")
-        if not g.is_floating_point() or g.device != q.device:
-            raise ValueError(f"{name} must be a floating tensor on {q.device}, got {g.dtype} on "
-                             f"{g.device}")
-    for name, x in [("k_cache", k_cache), ("v_cache", v_cache), ("k_cmp_cache", k_cmp_cache),
-                    ("v_cmp_cache", v_cmp_cache)]:
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype}, q has {q.dtype}: they must match")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device}, q on {q.device}: they must match")
+    _check_keys(q, k_cmp_cache=k_cmp_cache, v_cmp_cache=v_cmp_cache)
+    _check_gates(q, "[B, 1, HQ]", g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
     if not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (B,):
         raise ValueError(f"lengths must be a tensor of shape [B] = [{B}], got "
                          f"{getattr(lengths, 'shape', type(lengths).__name__)}")

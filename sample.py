@@ -17,12 +17,12 @@ import argparse
 import os
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 
 import torch
 
-from common import DTYPES, EOT, UserError, get_encoding, load_model, resolve_device, run_cli
+from common import (EOT, UserError, autocast, get_encoding, load_model, resolve_device,
+                    run_cli)
 from model import DecodeGraph, KVCache, sample_next
 
 
@@ -111,10 +111,8 @@ def main(argv):
     torch.manual_seed(args.seed)
     B = args.num_samples
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None].repeat(B, 1)
-    autocast = nullcontext() if dtype == "float32" else \
-        torch.autocast(device_type=dev.type, dtype=DTYPES[dtype])
     cache = KVCache(cfg.n_layer, n_prompt + n_new)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(dev, dtype):
         if dev.type == "cuda":  # compile the kernels outside the timings: prefill one sequence
             warm = KVCache(cfg.n_layer, n_prompt + 1)
             model(x[:1], cache=warm)

@@ -34,7 +34,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 
 import numpy as np
@@ -43,8 +42,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (DTYPES, UserError, apply_config, get_encoding, load_checkpoint, mix_passkey,
+from common import (UserError, apply_config, get_encoding, load_checkpoint, mix_passkey,
                     peak_bf16_flops, resolve_device, run_cli, save_checkpoint)
+from common import autocast as mixed_precision  # train() names its context `autocast`
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- settings
@@ -460,9 +460,6 @@ def main(argv):
         backend = cfg["backend"] if cfg["backend"] != "auto" else \
             "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-    if dev.type == "cuda":  # TF32 for any fp32 matmuls left outside autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     model, optimizer, scaler, sampler = build(conf, cfg, ckpt, dev, dtype, rank, world_size, say)
     start = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt is not None else (0, float("inf"))
     del ckpt
@@ -490,8 +487,7 @@ def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start
         model = eval_model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    autocast = nullcontext() if dtype == "float32" else \
-        torch.autocast(device_type=dev.type, dtype=DTYPES[dtype])
+    autocast = mixed_precision(dev, dtype)
     ckpt_path, log_path = (os.path.join(cfg["out_dir"], f) for f in ("ckpt.pt", "log.jsonl"))
     saved_at = iter_num if cfg["init_from"] == "resume" else None
     to_log = [{"event": "start", "iter": iter_num, "init_from": cfg["init_from"],
