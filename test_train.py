@@ -411,6 +411,25 @@ def test_ddp_gloo(work):
     assert records[0] == records[1]
 
 
+
+def test_ddp_bad_val_loss_stops_every_rank(work):
+    """Under torchrun, a non-finite val loss (measured on rank 0) stops every rank with the
+    same message: rank 1 must not go on into the next all-reduce alone."""
+    out = work["dir"] / "ddp_nan"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"),
+           *train_args(work, out, "--attention=full", "--max_iters=6", "--eval_interval=1",
+                       "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0.0",
+                       "--gradient_accumulation_steps=2", "--backend=gloo")]
+    p = subprocess.run(cmd, cwd=work["dir"], env=script_env(), capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode != 0, p.stdout + p.stderr
+    stops = re.findall(r"train.py: error: val loss is (?:nan|inf) at step (\d+)", p.stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], p.stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] < int(stops[0])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(work):
     out = work["dir"] / "nan"
     p = run("train.py", *train_args(work, out, "--attention=full", "--max_iters=6",

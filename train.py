@@ -327,6 +327,15 @@ def all_rng_states(sampler, world_size):
     return states
 
 
+def from_rank0(x, ddp, dev):
+    """The float x as process 0 has it, in every process (under DDP; x itself otherwise)."""
+    if not ddp:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=dev)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
 def passkey_mix(cfg, paths, sampler):
     """mix(x, y) for get_batch: passkey documents with filler from the training split, drawn
     from the data sampler (so a resumed run repeats them exactly); None without the mix."""
@@ -504,12 +513,14 @@ def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start
             if cfg["eval_only"] or (not resumed_here and (iter_num % cfg["eval_interval"] == 0
                                                           or iter_num >= cfg["max_iters"])):
                 states = all_rng_states(sampler, world_size)
+                losses = estimate_loss(eval_model, paths, cfg, dev, autocast) if master else None
+                # every process stops on a bad val loss: a rank left alone would wait forever in
+                # the next all-reduce under a launcher that does not stop the others
+                val_loss = from_rank0(losses["val"] if master else 0.0, ddp, dev)
+                if not math.isfinite(val_loss):
+                    raise UserError(f"val loss is {val_loss} at step {iter_num}; stopping. "
+                                    f"The last good checkpoint is kept at {ckpt_path}")
                 if master:
-                    losses = estimate_loss(eval_model, paths, cfg, dev, autocast)
-                    val_loss = losses["val"]
-                    if not math.isfinite(val_loss):
-                        raise UserError(f"val loss is {val_loss} at step {iter_num}; stopping. "
-                                        f"The last good checkpoint is kept at {ckpt_path}")
                     say(f"step {iter_num}: train loss {losses['train']:.4f}, "
                         f"val loss {val_loss:.4f}")
                     append_log(log_path, to_log + [{"iter": iter_num, "val_loss": val_loss,
