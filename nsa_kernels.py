@@ -841,29 +841,32 @@ def _combine_fwd_kernel(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, N,
 
 
 @triton.jit
-def _combine_bwd_one(do, o_b, g_b, do_b, dg_b, delta_b, o_r, m_r, p):
-    b_g = tl.load(g_b + o_r, mask=m_r, other=0.).to(tl.float32)
+def _combine_bwd_one(do, o_b, g_b, lse_b, dg_b, lse_g_b, o_r, m_r, p):
     b_dg = tl.sum(do * tl.load(o_b + p, mask=m_r[:, None], other=0.).to(tl.float32), 1)
-    tl.store(do_b + p, (b_g[:, None] * do).to(do_b.dtype.element_ty), mask=m_r[:, None])
     tl.store(dg_b + o_r, b_dg, mask=m_r)
-    # the branch's softmax backward needs rowsum(do_b * o_b) = g_b * rowsum(do * o_b)
-    tl.store(delta_b + o_r, b_g * b_dg, mask=m_r)
+    b_g = tl.load(g_b + o_r, mask=m_r, other=1.).to(tl.float32)
+    b_lse = tl.load(lse_b + o_r, mask=m_r, other=0.)
+    b_lse = tl.where(b_g > 0, b_lse - tl.log2(tl.where(b_g > 0, b_g, 1.)), float("inf"))
+    tl.store(lse_g_b + o_r, b_lse, mask=m_r)
 
 
 @triton.jit
-def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, do_cmp, do_slc, do_win,
-                        dg_cmp, dg_slc, dg_win, dl_cmp, dl_slc, dl_win, N,
+def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, lse_slc, lse_win,
+                        dg_cmp, dg_slc, dg_win, lg_cmp, lg_slc, lg_win, N,
                         D: tl.constexpr, BR: tl.constexpr):
-    """From do: each branch's upstream gradient g_b*do, the gate gradients rowsum(do*o_b), and
-    each branch's softmax-backward term delta_b, in one pass over the rows."""
+    """The gate gradients dg_b = rowsum(do * o_b), and each branch's lse shifted by -log2(g_b),
+    in one pass over the rows. The branch's upstream gradient is g*do, so its softmax backward
+    has dP = g*(do.v) and delta = g*dg, hence dS = P*(dP - delta) = (g*P)*(do.v - dg) and
+    dv = (g*P)^T do. With P' = 2^(s - lse + log2 g) = g*P the backward kernels therefore take
+    the layer's do as it is, and delta = dg: no gated copy of do is written (g = 0: P' = 0)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < N
     o_d = tl.arange(0, D)
     p = o_r[:, None] * D + o_d[None, :]
     b_do = tl.load(do + p, mask=m_r[:, None], other=0.).to(tl.float32)
-    _combine_bwd_one(b_do, o_cmp, g_cmp, do_cmp, dg_cmp, dl_cmp, o_r, m_r, p)
-    _combine_bwd_one(b_do, o_slc, g_slc, do_slc, dg_slc, dl_slc, o_r, m_r, p)
-    _combine_bwd_one(b_do, o_win, g_win, do_win, dg_win, dl_win, o_r, m_r, p)
+    _combine_bwd_one(b_do, o_cmp, g_cmp, lse_cmp, dg_cmp, lg_cmp, o_r, m_r, p)
+    _combine_bwd_one(b_do, o_slc, g_slc, lse_slc, dg_slc, lg_slc, o_r, m_r, p)
+    _combine_bwd_one(b_do, o_win, g_win, lse_win, dg_win, lg_win, o_r, m_r, p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1070,17 +1073,19 @@ def _combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
     return o
 
 
-def _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+def _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, lse_slc, lse_win):
+    """The gate gradients dg_b [B, T, HQ] (fp32), which are also the branches' softmax-backward
+    terms for do, and the gate-shifted lse of each branch (see _combine_bwd_kernel)."""
     B, T, HQ, D = do.shape
     N = B * T * HQ
     dev = do.device
-    d_o = [_alloc(do.shape, o_cmp.dtype, dev) for _ in range(3)]
     d_g = [_alloc((B, T, HQ), torch.float32, dev) for _ in range(3)]
-    d_l = [_alloc((B, T, HQ), torch.float32, dev) for _ in range(3)]
+    lse_g = [_alloc((B, T, HQ), torch.float32, dev) for _ in range(3)]
     BR = max(1, 4096 // D)
     _combine_bwd_kernel[(triton.cdiv(N, BR),)](do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
-                                              *d_o, *d_g, *d_l, N, D=D, BR=BR, num_warps=4)
-    return d_o, d_g, d_l
+                                              lse_cmp, lse_slc, lse_win, *d_g, *lse_g, N, D=D,
+                                              BR=BR, num_warps=4)
+    return d_g, lse_g
 
 
 _WARNED = set()
@@ -1122,13 +1127,14 @@ class _NSAFunction(torch.autograd.Function):
         (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
          lse_cmp, lse_slc, lse_win, idx) = ctx.saved_tensors
         block_len, block_stride, select_block, window, scale = ctx.cfg
-        (do_cmp, do_slc, do_win), dg, (dl_cmp, dl_slc, dl_win) = _combine_bwd(
-            do.contiguous(), o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+        do = do.contiguous()
+        dg, (lg_cmp, lg_slc, lg_win) = _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
+                                                   lse_cmp, lse_slc, lse_win)
         dq = _alloc(q.shape, torch.float32, q.device)
-        dk_cmp, dv_cmp = _dense_bwd(q, k_cmp, v_cmp, do_cmp, lse_cmp, dl_cmp, dq, False,
+        dk_cmp, dv_cmp = _dense_bwd(q, k_cmp, v_cmp, do, lg_cmp, dg[0], dq, False,
                                     *_cmp_geometry(block_len, block_stride), scale)
-        dk, dv = _dense_bwd(q, k, v, do_win, lse_win, dl_win, dq, True, 1, 0, window, scale)
-        _slc_bwd(q, k, v, idx, do_slc, lse_slc, dl_slc, dq, True, dk, dv, select_block, scale)
+        dk, dv = _dense_bwd(q, k, v, do, lg_win, dg[2], dq, True, 1, 0, window, scale)
+        _slc_bwd(q, k, v, idx, do, lg_slc, dg[1], dq, True, dk, dv, select_block, scale)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype),
                 dv_cmp.to(v_cmp.dtype), dg[0].to(g_cmp.dtype), dg[1].to(g_slc.dtype),
                 dg[2].to(g_win.dtype), None, None, None, None, None, None)

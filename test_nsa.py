@@ -277,9 +277,13 @@ def kernel_seed(monkeypatch):
 
 
 def kernel_inputs(B, T, HQ, H, D, cfg):
-    """q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win on the kernel device, requiring grad."""
-    return random_inputs(B, T, HQ, H, D, cfg, dtype=KERNEL_DTYPE, device=KERNEL_DEVICE,
-                         requires_grad=True)
+    """q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win on the kernel device, requiring grad. The
+    gates of the last position's first head are exactly 0, 1 and 0 (the backward folds
+    log2(g) into each branch's lse)."""
+    xs = random_inputs(B, T, HQ, H, D, cfg, dtype=KERNEL_DTYPE, device=KERNEL_DEVICE)
+    for g, value in zip(xs[5:], (0.0, 1.0, 0.0)):
+        g[:, -1, 0] = value
+    return [x.requires_grad_() for x in xs]
 
 
 def assert_close(name, got, want, seed, rtol=None):
