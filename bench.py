@@ -36,6 +36,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 import triton.testing
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -253,7 +254,15 @@ def kernel_tables(rows):
         branches.append([T, r["pass"]] + [  # the selection's floor: half a forward (q.k only)
             f"{cell(r.get(b))} / {cell(r.get(b + ' floor'), 0.5 if b == 'selection' else 1)}"
             for b in BRANCHES] + [fmt(rest) if rest else "-", cell(nsa)])
+    loads = [[fmt_T(r["T"]), cell(r.get("selected")), cell(e), fmt(e["gb"]), fmt(e["tb_per_s"]),
+              f"{100 * e['neighbour_share']:.0f}%"]
+             for r in sel if (e := r.get("selected loads") or {}).get("status") == "ok"]
     return "\n\n".join(t for t in [profile_table(sel), markdown(
+        "Selected branch forward against its loads alone: a kernel that only reads the K and V "
+        "rows of each query's selected blocks (one program per position and KV head, random "
+        "inputs); share = a position's selected blocks that the previous position also chose",
+        ["T", "selected fwd ms", "loads alone ms", "GB read", "TB/s", "share"], loads)
+        if loads else "", markdown(
         "NSA branches alone / their floor: cuDNN over the same mean number of keys per query, "
         "contiguous (ms); the selection has no backward", ["T", "pass", *BRANCHES,
                                                           "rest (gates, gaps)", "nsa_attention"],
@@ -316,13 +325,15 @@ def train_table(rows):
               pair(r, ("nsa", "full"), lambda e: f"{e['tokens_per_s']:.0f}"),
               ratio(ms(r.get("full")), ms(r.get("nsa"))),
               pair(r, ("nsa", "full"), lambda e: f"{100 * e['mfu']:.1f}%" if e["mfu"] else "-"),
+              pair(r, ("nsa", "full"), lambda e: f"{e['held_gib']:.1f}", "held_gib"),
               pair(r, ("nsa", "full"), lambda e: f"{e['peak_gib']:.1f}", "peak_gib")]
              for r in sel]
     fits = {a: [r["T"] for r in sel if (r.get(a) or {}).get("status") == "ok"]
             for a in ("nsa", "full")}
     return markdown(f"Training step (fwd+bwd+AdamW, bf16 autocast, batch 1), {sel[0]['desc']}",
                     ["T", "NSA ms", "full ms", "tokens/s NSA / full", "NSA / full",
-                     "MFU NSA / full", "peak GiB NSA / full"], lines) + (
+                     "MFU NSA / full", "held for bwd GiB NSA / full", "peak GiB NSA / full"],
+                    lines) + (
         "\n\nLargest context where one step fits: "
         + ", ".join(f"{a} {fmt_T(max(t)) if t else 'none'}" for a, t in fits.items()))
 
@@ -471,6 +482,47 @@ def fla_kernel():
     return parallel_nsa
 
 
+@triton.jit
+def _selected_loads_kernel(k, v, idx, out, T, H, NSEL, SBLK: tl.constexpr, D: tl.constexpr):
+    """What the selected branch's forward reads for one (position, KV head), and nothing else:
+    the K and V rows (s <= t) of its selected blocks, summed so that the loads stay."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s, o_d = tl.arange(0, SBLK), tl.arange(0, D)
+    p_idx = idx + ((i_b * T + i_t).to(tl.int64) * H + i_h) * NSEL
+    b_sum = tl.zeros([SBLK, D], tl.float32)
+    for i_n in range(tl.minimum(NSEL, i_t // SBLK + 1)):
+        j = tl.load(p_idx + i_n)
+        pos = j * SBLK + o_s
+        m_k = (pos <= i_t) & (j >= 0)
+        p_kv = ((i_b * T + pos).to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]
+        b_sum += tl.load(k + p_kv, mask=m_k[:, None], other=0.).to(tl.float32)
+        b_sum += tl.load(v + p_kv, mask=m_k[:, None], other=0.).to(tl.float32)
+    tl.store(out + (i_b * T + i_t) * H + i_h, tl.sum(b_sum))
+
+
+def selected_loads(B, T, HQ, H, D, hp):
+    """The selected branch's load floor for random inputs: the time of _selected_loads_kernel
+    (launched as _slc_fwd_kernel: one program per position and KV head), the GB it reads, and
+    the share of a position's selected blocks that the previous position also selected (a
+    kernel that stacks neighbouring positions could load those once)."""
+    xs, _ = nsa_inputs(B, T, HQ, H, D, hp, grad=False)
+    q, k, v, k_cmp = xs[:4]
+    sel_hp = {n: hp[n] for n in ("block_len", "block_stride", "select_block", "n_select")}
+    idx = nk.nsa_select(q, k_cmp, nk.compressed_attention(q, k_cmp, xs[4], **{
+        n: hp[n] for n in ("block_len", "block_stride")})[1], **sel_hp)
+    out = torch.empty(B, T, H, device="cuda")
+    run = lambda: _selected_loads_kernel[(T, B * H)](k, v, idx, out, T, H, hp["n_select"],
+                                                     SBLK=hp["select_block"], D=D,
+                                                     num_warps=2, num_stages=2)
+    res = measure(run)
+    gb = nsa_key_counts(T, **hp)["selected"] * B * H * D * 2 * k.element_size() / 1e9
+    now, prev = idx[:, 1:], idx[:, :-1]
+    shared = ((now[..., :, None] == prev[..., None, :]).any(-1) & (now >= 0)).sum()
+    return dict(res, gb=gb, tb_per_s=gb / res["ms"], neighbour_share=(
+        shared / (now >= 0).sum().clamp_min(1)).item())
+
+
 # ----------------------------------------------------------------------------- modes
 def run_kernel(args, res):
     HQ, H, D, hp = attention_shape(args)
@@ -508,6 +560,8 @@ def run_kernel(args, res):
             keys = max(1, round(c["compressed" if b == "selection" else b] / T))
             res.measure(row, f"{b} floor", lambda: measure(
                 dense("cudnn", keys, "fwd" if b == "selection" else p)), keys=keys)
+        if p == "fwd":
+            res.measure(row, "selected loads", lambda: selected_loads(B, T, HQ, H, D, hp))
         if T == max(Ts):
             res.measure(row, "profile", lambda: profile_kernels(nsa()))
 
@@ -575,21 +629,27 @@ def generate_speed(fields, attention, B, T, steps):
 
 def train_speed(fields, attention, T, steps, peak_flops):
     """One training step (fwd + bwd + AdamW, bf16 autocast, batch 1, random tokens) at context T
-    as warm-up, then the median of `steps` steps by CUDA events; steps=0: whether one fits."""
+    as warm-up, then the median of `steps` steps by CUDA events; steps=0: whether one fits.
+    held_gib: what the forward holds for the backward (activations, logits), peak_gib: the
+    peak of all the steps, weights and optimizer state included."""
     model = gpt(fields, attention, T)
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95),
                                      device_type="cuda")
     x, y = (torch.randint(model.config.vocab_size, (1, T), device="cuda") for _ in range(2))
 
-    def step():
+    def step(held=None):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             loss = model(x, y)[1]
+        if held is not None:
+            held.append(torch.cuda.memory_allocated())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()
-    out = {}
+    held = [torch.cuda.memory_allocated()]  # weights and optimizer state
+    step(held)
+    out = {"held_gib": (held[1] - held[0]) / 2**30}
     if steps:
         step_ms = statistics.median(event_ms(step) for _ in range(steps))
         out = dict(ms=step_ms, tokens_per_s=T * 1000 / step_ms, mfu=model.estimate_mfu(

@@ -137,6 +137,7 @@ def fake_results(path):
     for branch, ms in zip(bench.BRANCHES, (0.4, 0.3, 0.3, 0.2)):
         res.measure(row, branch, ok(ms))
         res.measure(row, f"{branch} floor", ok(0.1))
+    res.measure(row, "selected loads", ok(0.1, gb=2.5, tb_per_s=25.0, neighbour_share=0.25))
     res.measure(row, "profile", lambda: {"kernels": {
         "_dense_fwd_kernel": 900.0, "_select_kernel": 400.0, "_combine_fwd_kernel": 100.0,
         "void at::native::elementwise_kernel<128, 2>(int)": 20.0}})
@@ -149,8 +150,8 @@ def fake_results(path):
                                cache_bytes_per_token=2300.0))
     res.measure(row, "full", fails(torch.cuda.OutOfMemoryError("CUDA out of memory.\nmore")))
     row = res.row("train", T=8192, desc="8 layers")
-    res.measure(row, "nsa", ok(64.0, tokens_per_s=128000.0, mfu=0.2))
-    res.measure(row, "full", ok(34.0, tokens_per_s=240941.0, mfu=0.3))
+    res.measure(row, "nsa", ok(64.0, tokens_per_s=128000.0, mfu=0.2, held_gib=1.25))
+    res.measure(row, "full", ok(34.0, tokens_per_s=240941.0, mfu=0.3, held_gib=1.0))
     row = res.row("train", T=131072, desc="8 layers")
     res.measure(row, "nsa", lambda: {"peak_gib": 130.0})            # only whether a step fits
     res.measure(row, "full", fails(ValueError("bad shape")))
@@ -168,10 +169,12 @@ def test_tables(tmp_path):
     assert "| 4k | fwd | 0.4 / 0.1 | 0.3 / 0.05 | 0.3 / 0.1 | 0.2 / 0.1 | 0.3 | 1.5 |" in text
     assert "| 4k | fwd | compressed+window | 0.9 | 63% | _dense_fwd_kernel |" in text
     assert "| 4k | fwd | other (torch ops) | 0.02 | 1% |" in text
+    assert "| 4k | 0.3 | 0.1 | 2.5 | 25 | 25% |" in text
     assert "| 1 | 8k | 20 | 30 | 18* | 0.90x | 2046 / 8192 | 4.0x | 0.21 / 0.93 |" in text
     assert "| 16 | 8k | 1600 / - | - | 1.25 / - | 2300 / - |" in text
-    assert "| 8k | 64 | 34 | 128000 / 240941 | 0.53x | 20.0% / 30.0% | 2.0 / 2.0 |" in text
-    assert "| 128k | fits | error | - / - | - | - / - | 130.0 / - |" in text
+    assert ("| 8k | 64 | 34 | 128000 / 240941 | 0.53x | 20.0% / 30.0% | 1.2 / 1.0 | 2.0 / 2.0 |"
+            in text)
+    assert "| 128k | fits | error | - / - | - | - / - | - / - | 130.0 / - |" in text
     assert "Largest context where one step fits: nsa 128k, full 8k" in text
     for line in (ln for ln in text.splitlines() if ln.startswith("|")):
         assert line.endswith(" |")
