@@ -1101,6 +1101,12 @@ def _warn_once(message):
 # Autograd. _NSAFunction runs the whole layer (the path nsa_attention takes); the per-branch
 # functions below expose each kernel with its own backward, for benchmarks and tests.
 
+# Branches whose output the forward does not keep for the backward, which recomputes it: the
+# backward needs every o_b (for the gate gradient rowsum(do * o_b)), and each held o_b is a
+# [B, T, HQ, D] tensor per layer beyond what full attention holds.
+RECOMPUTE = ("window",)
+
+
 def _cmp_geometry(block_len, block_stride):
     return block_stride, block_len - 1, _NO_WINDOW      # kstride, koff, window
 
@@ -1117,6 +1123,10 @@ class _NSAFunction(torch.autograd.Function):
         o_slc, lse_slc = _slc_fwd(q, k, v, idx, select_block, scale)
         o_win, lse_win = _dense_fwd(q, k, v, 1, 0, window, scale)
         o = _combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+        if "compressed" in RECOMPUTE:
+            o_cmp = lse_cmp = None
+        if "window" in RECOMPUTE:
+            o_win = lse_win = None
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
                               lse_cmp, lse_slc, lse_win, idx)
         ctx.cfg = (block_len, block_stride, select_block, window, scale)
@@ -1127,6 +1137,11 @@ class _NSAFunction(torch.autograd.Function):
         (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
          lse_cmp, lse_slc, lse_win, idx) = ctx.saved_tensors
         block_len, block_stride, select_block, window, scale = ctx.cfg
+        if o_cmp is None:
+            o_cmp, lse_cmp = _dense_fwd(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
+                                        scale)
+        if o_win is None:
+            o_win, lse_win = _dense_fwd(q, k, v, 1, 0, window, scale)
         do = do.contiguous()
         dg, (lg_cmp, lg_slc, lg_win) = _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
                                                    lse_cmp, lse_slc, lse_win)
