@@ -652,7 +652,7 @@ def train_speed(fields, attention, T, steps, peak_flops):
     out = {"held_gib": (held[1] - held[0]) / 2**30}
     if steps:
         step_ms = statistics.median(event_ms(step) for _ in range(steps))
-        out = dict(ms=step_ms, tokens_per_s=T * 1000 / step_ms, mfu=model.estimate_mfu(
+        out.update(ms=step_ms, tokens_per_s=T * 1000 / step_ms, mfu=model.estimate_mfu(
             1, step_ms / 1000, peak_flops) if peak_flops else None)
     torch.cuda.synchronize()
     return dict(out, peak_gib=torch.cuda.max_memory_allocated() / 2**30)

@@ -232,6 +232,10 @@ class Attention(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         H, HQ, D = cfg.n_kv_head, cfg.n_head, cfg.head_dim
+        if torch.is_autocast_enabled(x.device.type):
+            # cast once: autocast would give each projection of x its own copy, and each copy
+            # is held for the backward (four with NSA: q, kv, the compressed kv and the gates)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         q = rope(self.c_q(x).view(B, T, HQ, D), pos, cfg.rope_base)
         k, v = self.c_kv(x).view(B, T, 2, H, D).unbind(2)
         k = rope(k, pos, cfg.rope_base)

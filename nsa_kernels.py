@@ -1103,7 +1103,10 @@ def _warn_once(message):
 
 # Branches whose output the forward does not keep for the backward, which recomputes it: the
 # backward needs every o_b (for the gate gradient rowsum(do * o_b)), and each held o_b is a
-# [B, T, HQ, D] tensor per layer beyond what full attention holds.
+# [B, T, HQ, D] tensor per layer beyond what full attention holds. H200, the 32k config's
+# model (8 layers), one training step at T=32k (2026-11-29): holding all three, 158 ms and a
+# 31.9 GiB peak; recomputing the window branch, 161 ms and 31.4 GiB (the default); the window
+# and compressed branches, 166 ms and 30.9 GiB. Results are identical (tested).
 RECOMPUTE = ("window",)
 
 

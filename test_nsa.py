@@ -328,6 +328,19 @@ def test_kernels_nsa_matches_reference(B, T, HQ, H, D, cfg, kernel_seed):
         assert_close(f"d{name}", g, w, kernel_seed)
 
 
+@needs_kernels
+def test_kernels_recompute_gives_the_same_gradients(kernel_seed, monkeypatch):
+    """nk.RECOMPUTE (branch outputs recomputed in the backward instead of held) changes memory,
+    not results: the gradients equal those of the default setting bit for bit."""
+    xs = kernel_inputs(1, 150, 2, 1, 32, SMALL)
+    do = torch.randn_like(xs[0])
+    want = torch.autograd.grad(nk.nsa_attention(*xs, **SMALL), xs, do)
+    for recompute in [(), ("compressed", "window")]:
+        monkeypatch.setattr(nk, "RECOMPUTE", recompute)
+        got = torch.autograd.grad(nk.nsa_attention(*xs, **SMALL), xs, do)
+        for name, g, w in zip(GRAD_NAMES, got, want):
+            assert torch.equal(g, w), (recompute, name)
+
 def reference_scores(q, k_cmp, cfg):
     """Reference block scores [B, H, T, NB] with forced blocks at +inf, ineligible at -inf."""
     B, T, HQ, D = q.shape
