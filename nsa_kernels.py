@@ -20,8 +20,8 @@ before this module was imported. It runs nsa_attention_ref instead for queries s
 keys (KV-cache decoding, chunked prefill), for CPU tensors without the interpreter, and (with a
 one-time warning on a GPU) for inputs the kernels do not take: float64, head dims outside
 16/32/64/128/256. Kernel inputs: fp16, bf16 or fp32 (fp32 dots run as tf32 on a GPU), any T >= 1,
-any G >= 1 (tensor-core tiles are full for G >= 16), B >= 1. Extra memory of forward +
-backward: O(T * (HQ*D + H*n)).
+any G >= 1, B >= 1. Extra memory of forward + backward: O(T * (HQ*D + H*n)), and for G < 16
+(SLC_BLOCK_ORDER_BELOW_G) a transient O(T * HQ * n * D) in the selected branch's forward.
 
 Per-branch entry points (Triton only, for benchmarks and tests; each differentiable but
 nsa_select; block-size arguments keyword-only, defaulting to PAPER_HP):
@@ -756,6 +756,86 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
 
 
 @triton.jit
+def _slc_fwd_blocks_kernel(q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_start, seg_end,
+                           T, G, BQ, HQ, H, NB, NSEL, scale_log2, SBLK: tl.constexpr,
+                           BS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                           NS: tl.constexpr):
+    """Selected attention in key-block order (small G; FSA, arXiv 2508.18224): one selection
+    block against one segment of the positions that selected it (the inverted selection, as in
+    the dk/dv backward), BQ positions x G heads stacked as the BM rows of one matmul, so that
+    the block is loaded once per BQ positions instead of once per position. Each row's softmax
+    over this block alone goes to the row's slot of the block (where idx lists it): the
+    normalised output in o_part and its base-2 lse in lse_part; _slc_merge_kernel combines a
+    row's slots."""
+    i_seg = tl.program_id(0)
+    i_bin = tl.load(seg_bin + i_seg)
+    start = tl.load(seg_start + i_seg)
+    end = tl.load(seg_end + i_seg)
+    i_bh = i_bin // NB
+    j = i_bin % NB
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s = tl.arange(0, BS)
+    pos = j * SBLK + o_s
+    m_k = (o_s < SBLK) & (pos < T)
+    o_d = tl.arange(0, D)
+    p_key = (i_b * T + pos).to(tl.int64) * H + i_h
+    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)  # [BS, D]
+    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+    o_r = tl.arange(0, BM)
+    o_n = tl.arange(0, NS)
+    for c0 in range(start, end, BQ):
+        o_q = c0 + o_r // G
+        m_r = (o_r < BQ * G) & (o_q < end)
+        t = tl.load(q_list + o_q, mask=m_r, other=0)                          # [BM] positions
+        p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+        b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
+        # the block starts at or before t (it is eligible), so every live row sees a key
+        b_s = tl.where(m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None]), b_s,
+                       float("-inf"))
+        b_m = tl.where(m_r, tl.max(b_s, 1), 0.)
+        b_p = tl.exp2(b_s - b_m[:, None])
+        b_l = tl.where(m_r, tl.sum(b_p, 1), 1.)
+        b_o = tl.dot(b_p.to(b_v.dtype), b_v) / b_l[:, None]                   # [BM, D]
+        p_sel = ((i_b * T + t).to(tl.int64) * H + i_h) * NSEL
+        b_sel = tl.load(idx + p_sel[:, None] + o_n[None, :],
+                        mask=m_r[:, None] & (o_n[None, :] < NSEL), other=-1)   # [BM, NS]
+        slot = tl.sum(tl.where(b_sel == j, o_n[None, :], 0), 1)               # listed once
+        p_part = p_row * NSEL + slot
+        tl.store(o_part + p_part[:, None] * D + o_d[None, :], b_o.to(o_part.dtype.element_ty),
+                 mask=m_r[:, None])
+        tl.store(lse_part + p_part, b_m + tl.log2(b_l), mask=m_r)
+
+
+@triton.jit
+def _slc_merge_kernel(o_part, lse_part, o, lse, T, G, HQ, H, NSEL, SBLK: tl.constexpr,
+                      D: tl.constexpr, BG: tl.constexpr):
+    """o, lse of the selected branch for one position and KV head from the per-block pieces of
+    _slc_fwd_blocks_kernel: o = sum over slots of 2^(lse_slot - lse) * o_slot."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    p_row = (i_b * T + i_t).to(tl.int64) * HQ + i_h * G + o_g               # [BG]
+    o_d = tl.arange(0, D)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, D], tl.float32)
+    # the eligible slots are the first min(n, t // l' + 1), each written by one block program
+    for i_n in range(tl.minimum(NSEL, i_t // SBLK + 1)):
+        p_part = p_row * NSEL + i_n
+        b_lse = tl.load(lse_part + p_part, mask=m_g, other=0.)
+        b_o = tl.load(o_part + p_part[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.)
+        b_m_new = tl.maximum(b_m, b_lse)
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_w = tl.exp2(b_lse - b_m_new)
+        b_l = b_l * b_alpha + b_w
+        b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * b_o.to(tl.float32)
+        b_m = b_m_new
+    _store_attention(o, lse, p_row, m_g, b_m, b_l, b_acc, D)
+
+
+@triton.jit
 def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2, scale, NSEL,
                        ACCUM: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
                        D: tl.constexpr, BG: tl.constexpr):
@@ -880,7 +960,14 @@ def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, l
 POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: unwritten shows up
 # dk/dv of the compressed keys: split each key tile's query range into slices of 256 to this
 # many positions (atomic adds join them), enough for about _CMP_SPLIT_PROGRAMS programs;
-# selected dk/dv: at most _SLC_SEGMENT queries per program
+# The selected forward runs in key-block order (each selected block loaded once per BQ
+# positions that chose it, then a merge of the n pieces per query row) below this group size,
+# and per position (the G heads of one position as the rows, n block loads per position) from
+# it on: with 16+ heads per KV head the per-position tiles fill the tensor cores, and the
+# pieces would take n times the output's memory.
+SLC_BLOCK_ORDER_BELOW_G = 16
+# selected dk/dv (and the selected forward in key-block order): at most _SLC_SEGMENT queries
+# per program
 _CMP_SPLIT_POSITIONS = 4096
 _CMP_SPLIT_PROGRAMS = 4096
 _SLC_SEGMENT = 256
@@ -970,9 +1057,23 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
     BG, BS = _slc_tiles(G, select_block)
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc((B, T, HQ), torch.float32, q.device)
-    _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
-                                SBLK=select_block, BS=BS, D=D, BG=BG,
-                                num_warps=2, num_stages=2)
+    if G >= SLC_BLOCK_ORDER_BELOW_G:
+        _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
+                                    SBLK=select_block, BS=BS, D=D, BG=BG,
+                                    num_warps=2, num_stages=2)
+        return o, lse
+    # small G: key-block order, then a merge (the pieces: n outputs per query row)
+    n_blocks = triton.cdiv(T, select_block)
+    q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
+    o_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
+    lse_part = _alloc((B, T, HQ, n), torch.float32, q.device)
+    BM = _tile_rows(G, 64)
+    _slc_fwd_blocks_kernel[(seg_bin.numel(),)](
+        q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
+        H, n_blocks, n, scale * _LOG2E, SBLK=select_block, BS=BS, D=D, BM=BM,
+        NS=triton.next_power_of_2(n), num_warps=_num_warps(BM, D), num_stages=2)
+    _slc_merge_kernel[(T, B * H)](o_part, lse_part, o, lse, T, G, HQ, H, n, SBLK=select_block,
+                                  D=D, BG=triton.next_power_of_2(G), num_warps=4)
     return o, lse
 
 
