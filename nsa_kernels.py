@@ -433,13 +433,13 @@ def _store_dq(dq, b_dq, p_row, m_row, scale, ACCUM: tl.constexpr, D: tl.constexp
 @triton.jit
 def _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v):
     """dv += P^T do and dk += dS^T q (unscaled) over one tile of query rows; P and dS as in
-    _dq_step."""
+    _dq_step. Also returns dS [rows, keys] (in q's dtype)."""
     b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)                  # [rows, keys]
     b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
     b_dp = tl.dot(b_do, tl.trans(b_v))
-    b_ds = b_p * (b_dp - b_delta[:, None])
-    b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
-    return b_dk, b_dv
+    b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
+    b_dk += tl.dot(tl.trans(b_ds), b_q)
+    return b_dk, b_dv, b_ds
 
 
 @triton.jit
@@ -525,7 +525,7 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
         m_s = (m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
                & (pos[None, :] > t[:, None] - W))
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
-        b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
+        b_dk, b_dv, _ = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
     p_out = p_key[:, None] * D + o_d[None, :]
     if ATOMIC:
         m_out = m_k[:, None] & (t_beg < t_end)
@@ -865,12 +865,14 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
 
 
 @triton.jit
-def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end,
-                         T, G, BQ, HQ, H, NB, scale_log2, scale,
+def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dq, dk, dv, q_list, seg_bin, seg_start,
+                         seg_end, T, G, BQ, HQ, H, NB, scale_log2, scale, DQ: tl.constexpr,
                          SBLK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
     """dk, dv of one selection block from one segment of the queries that selected it (the
     inverted selection, q_list, holds the positions grouped by block). Each chunk stacks BQ
-    positions x G heads as BM rows of one matmul; segments of a block meet by atomic adds."""
+    positions x G heads as BM rows of one matmul; segments of a block meet by atomic adds.
+    DQ: also add each chunk's share of dq (fp32) by atomic adds, in place of _slc_bwd_dq_kernel
+    (which loads the n blocks of every position again)."""
     i_seg = tl.program_id(0)
     i_bin = tl.load(seg_bin + i_seg)
     start = tl.load(seg_start + i_seg)
@@ -896,7 +898,10 @@ def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_s
         b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
         m_s = m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
-        b_dk, b_dv = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
+        b_dk, b_dv, b_ds = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
+        if DQ:
+            tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :],
+                          tl.dot(b_ds, b_k).to(tl.float32) * scale, mask=m_r[:, None])
     m_out = m_k[:, None] & (start < end)
     p_out = p_key[:, None] * D + o_d[None, :]
     tl.atomic_add(dk + p_out, b_dk * scale, mask=m_out)
@@ -966,6 +971,9 @@ POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: un
 # it on: with 16+ heads per KV head the per-position tiles fill the tensor cores, and the
 # pieces would take n times the output's memory.
 SLC_BLOCK_ORDER_BELOW_G = 16
+# Below this group size the selected branch's dq is added (atomically) by the dk/dv kernel,
+# which already forms dS in key-block order, instead of by a per-position kernel.
+SLC_DQ_BY_BLOCKS_BELOW_G = 16
 # selected dk/dv (and the selected forward in key-block order): at most _SLC_SEGMENT queries
 # per program
 _CMP_SPLIT_POSITIONS = 4096
@@ -1112,16 +1120,20 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
     H, n = k.shape[2], idx.shape[-1]
     G = HQ // H
     BG, BS = _slc_tiles(G, select_block)
-    _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
-                                   scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
-                                   BS=BS, D=D, BG=BG, num_warps=2, num_stages=2)
+    dq_by_blocks = G < SLC_DQ_BY_BLOCKS_BELOW_G
+    if not dq_by_blocks:
+        _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
+                                       scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
+                                       BS=BS, D=D, BG=BG, num_warps=2, num_stages=2)
+    elif not accum:
+        dq.zero_()
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     BM = _tile_rows(G, 64)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
-        q, k, v, do, lse, delta, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
-        H, n_blocks, scale * _LOG2E, scale, SBLK=select_block, BS=BS, D=D, BM=BM,
-        num_warps=_num_warps(BM, D), num_stages=2)
+        q, k, v, do, lse, delta, dq, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G,
+        HQ, H, n_blocks, scale * _LOG2E, scale, DQ=dq_by_blocks, SBLK=select_block, BS=BS, D=D,
+        BM=BM, num_warps=_num_warps(BM, D), num_stages=2)
 
 
 def _select_tiles(G, D, elem_size, block_len, block_stride, select_block, n_select):

@@ -331,8 +331,9 @@ def test_kernels_nsa_matches_reference(B, T, HQ, H, D, cfg, kernel_seed):
 @needs_kernels
 def test_kernels_recompute_gives_the_same_gradients(kernel_seed, monkeypatch):
     """nk.RECOMPUTE (branch outputs recomputed in the backward instead of held) changes memory,
-    not results: the gradients equal those of the default setting bit for bit."""
-    xs = kernel_inputs(1, 150, 2, 1, 32, SMALL)
+    not results: the gradients equal those of the default setting bit for bit (at G = 16, where
+    no gradient is summed by atomic adds in a run-dependent order)."""
+    xs = kernel_inputs(1, 150, 16, 1, 32, SMALL)
     do = torch.randn_like(xs[0])
     want = torch.autograd.grad(nk.nsa_attention(*xs, **SMALL), xs, do)
     for recompute in [(), ("compressed", "window")]:
