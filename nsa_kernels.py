@@ -968,12 +968,16 @@ POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: un
 # The selected forward runs in key-block order (each selected block loaded once per BQ
 # positions that chose it, then a merge of the n pieces per query row) below this group size,
 # and per position (the G heads of one position as the rows, n block loads per position) from
-# it on: with 16+ heads per KV head the per-position tiles fill the tensor cores, and the
-# pieces would take n times the output's memory.
+# it on, where the per-position tiles fill the tensor cores and the pieces would take n times
+# the output's memory. H200, the branch alone, 64k, HQ = 4G, H = 4, D = 128 (2026-11-29), per
+# position / key-block order: G=1 15.9 / 2.5 ms, G=4 17.3 / 6.8, G=8 17.4 / 12.1,
+# G=16 15.8 / 23.2.
 SLC_BLOCK_ORDER_BELOW_G = 16
-# Below this group size the selected branch's dq is added (atomically) by the dk/dv kernel,
-# which already forms dS in key-block order, instead of by a per-position kernel.
-SLC_DQ_BY_BLOCKS_BELOW_G = 16
+# Below this group size the selected branch's dq is added atomically by the dk/dv kernel (which
+# forms dS in key-block order anyway) instead of by a per-position kernel. Same H200 setting,
+# branch fwd+bwd (key-block forward), per-position dq / atomic dq: G=1 22.2 / 14.9 ms,
+# G=4 30.8 / 51.2, G=8 41.3 / 99.4: the atomics grow with G.
+SLC_DQ_BY_BLOCKS_BELOW_G = 2
 # selected dk/dv (and the selected forward in key-block order): at most _SLC_SEGMENT queries
 # per program
 _CMP_SPLIT_POSITIONS = 4096
