@@ -258,9 +258,10 @@ def kernel_tables(rows):
               f"{100 * e['neighbour_share']:.0f}%"]
              for r in sel if (e := r.get("selected loads") or {}).get("status") == "ok"]
     return "\n\n".join(t for t in [profile_table(sel), markdown(
-        "Selected branch forward against its loads alone: a kernel that only reads the K and V "
-        "rows of each query's selected blocks (one program per position and KV head, random "
-        "inputs); share = a position's selected blocks that the previous position also chose",
+        "Selected branch forward against the per-position order's loads alone (the order used "
+        "from G = 16): a kernel that only reads the K and V rows of each query's selected blocks,"
+        " one program per position and KV head, random inputs; share = a position's selected "
+        "blocks that the previous position also chose",
         ["T", "selected fwd ms", "loads alone ms", "GB read", "TB/s", "share"], loads)
         if loads else "", markdown(
         "NSA branches alone / their floor: cuDNN over the same mean number of keys per query, "
@@ -502,8 +503,9 @@ def _selected_loads_kernel(k, v, idx, out, T, H, NSEL, SBLK: tl.constexpr, D: tl
 
 
 def selected_loads(B, T, HQ, H, D, hp):
-    """The selected branch's load floor for random inputs: the time of _selected_loads_kernel
-    (launched as _slc_fwd_kernel: one program per position and KV head), the GB it reads, and
+    """The load floor of the per-position selected forward (_slc_fwd_kernel, used from G = 16)
+    for random inputs: the time of _selected_loads_kernel (launched the same way: one program
+    per position and KV head), the GB it reads, and
     the share of a position's selected blocks that the previous position also selected (a
     kernel that stacks neighbouring positions could load those once)."""
     xs, _ = nsa_inputs(B, T, HQ, H, D, hp, grad=False)
