@@ -22,6 +22,7 @@ one-time warning on a GPU) for inputs the kernels do not take: float64, head dim
 16/32/64/128/256. Kernel inputs: fp16, bf16 or fp32 (fp32 dots run as tf32 on a GPU), any T >= 1,
 any G >= 1, B >= 1. Extra memory of forward + backward: O(T * (HQ*D + H*n)), and for G < 16
 (SLC_BLOCK_ORDER_BELOW_G) a transient O(T * HQ * n * D) in the selected branch's forward.
+RECOMPUTE names the branches whose outputs the backward recomputes instead of holding them.
 
 Per-branch entry points (Triton only, for benchmarks and tests; each differentiable but
 nsa_select; block-size arguments keyword-only, defaulting to PAPER_HP):
