@@ -22,7 +22,9 @@ passkey: documents of L tokens, the answer included, built by common.passkey_sam
     then the question `What is the pass key? The pass key is`; exact match means greedy decoding
     reproduces the answer's tokens ` NNNNN` (what follows is not checked). It is read off one
     forward pass: greedy decoding is right iff the argmax at each answer position, given the
-    right answer tokens before it, is the answer's next token. Sample i of a length has the same
+    right answer tokens before it, is the answer's next token. A second table gives the share
+    whose first answer token is right (GPT-2 splits the key into 2-3 tokens: a model that has
+    begun to copy gets the first one right before it gets them all). Sample i of a length has the same
     key and filler at every depth; every run sees the same documents. Lengths (--lengths):
     1k, 2k, ... up to block_size, and 2x block_size, past the training context (RoPE has no
     position table, so the model runs there unchanged: extrapolation).
@@ -355,6 +357,11 @@ def score_passkey(model, docs, batch_size, device, autocast):
     return torch.cat(correct), torch.cat(first), torch.cat(hits) if nsa else None
 
 
+def first_token_right(first, docs):
+    """bool [N]: is score_passkey's greedy first answer token the answer's first token?"""
+    return first == torch.tensor([d[2][d[4]] for d in docs])
+
+
 def selection_hits(model, inputs, chunk, question_end):
     """bool [b, n_layer, H]: does KV head h of layer l select, for the query at question_end
     (the question's last token), a block holding one of the row's key tokens?"""
@@ -382,7 +389,9 @@ def passkey_tables(result, lengths, depths, block_size):
     """Markdown tables of a run's accuracy (and NSA recall), depth x length."""
     heads = [fmt_tokens(n) + ("*" if n > block_size else "") for n in lengths]
     out = []
-    for key, title in [("accuracy", "exact match, %"), ("recall", "NSA selection recall, %")]:
+    for key, title in [("accuracy", "exact match, %"),
+                       ("first_token", "first answer token right (greedy), %"),
+                       ("recall", "NSA selection recall, %")]:
         if result.get(key) is None:
             continue
         grid = result[key]                                                # [length][depth]
@@ -447,12 +456,14 @@ def cmd_passkey(args):
         t0 = time.time()
         model = build_model(info, ckpt, dev, max(lengths))
         nsa = info["attention"] == "nsa"
-        acc, recall, recall_layer, examples = [], [], [], []
+        acc, first_acc, recall, recall_layer, examples = [], [], [], [], []
         for length in lengths:
             rows = docs[length]
             correct, first, hits = score_passkey(model, rows, args.batch_size, dev, autocast)
             by_depth = [[i for i, r in enumerate(rows) if r[0] == d] for d in range(len(depths))]
             acc.append([float(correct[ix].float().mean()) for ix in by_depth])
+            first_ok = first_token_right(first, rows)
+            first_acc.append([float(first_ok[ix].float().mean()) for ix in by_depth])
             if nsa:
                 recall.append([float(hits[ix].float().mean()) for ix in by_depth])
                 recall_layer.append([round(v, 4) for v in hits.float().mean(dim=(0, 2)).tolist()])
@@ -464,7 +475,7 @@ def cmd_passkey(args):
                   f"{100 * float(correct.float().mean()):.0f}% ({time.time() - t0:.1f}s)",
                   file=sys.stderr)
         results.append({**info, "lengths": lengths, "depths": depths, "accuracy": acc,
-                        "recall": recall if nsa else None,
+                        "first_token": first_acc, "recall": recall if nsa else None,
                         "recall_by_layer": recall_layer if nsa else None,
                         "wrong_examples": examples, "seconds": time.time() - t0})
         del model

@@ -176,9 +176,10 @@ def test_scorer_finds_the_key_a_copying_model_retrieves():
                                              nullcontext())
         assert not correct.any()                          # two answer tokens: both must match
         assert first.tolist() == [r[2][r[4]] for r in rows]
-        correct, _, _ = ev.score_passkey(StubModel(lambda seq, t: 0), rows, 2, "cpu",
-                                         nullcontext())
-        assert not correct.any()
+        assert ev.first_token_right(first, rows).all()
+        correct, first, _ = ev.score_passkey(StubModel(lambda seq, t: 0), rows, 2, "cpu",
+                                             nullcontext())
+        assert not correct.any() and not ev.first_token_right(first, rows).any()
 
 
 def test_same_key_and_filler_across_depths():
@@ -454,6 +455,10 @@ def test_cli_passkey(runs):
         record = json.load(f)
     nsa, full = record["runs"]
     assert len(nsa["accuracy"]) == 3 and len(nsa["accuracy"][0]) == 3
+    assert "first answer token right" in p.stdout
+    for run in (nsa, full):    # exact match implies a right first token
+        assert all(f >= a for fs, accs in zip(run["first_token"], run["accuracy"])
+                   for f, a in zip(fs, accs))
     assert nsa["recall"][0][0] == 1.0                   # depth 0: block 0, always selected
     assert full["recall"] is None
 
