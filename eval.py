@@ -24,8 +24,8 @@ passkey: documents of L tokens, the answer included, built by common.passkey_sam
     forward pass: greedy decoding is right iff the argmax at each answer position, given the
     right answer tokens before it, is the answer's next token. A second table gives the share
     whose first answer token is right (GPT-2 splits the key into 2-3 tokens: a model that has
-    begun to copy gets the first one right before it gets them all). Sample i of a length has the same
-    key and filler at every depth; every run sees the same documents. Lengths (--lengths):
+    begun to copy gets the first one right before it gets them all). Sample i of a length has
+    the same key and filler at every depth; every run sees the same documents. Lengths (--lengths):
     1k, 2k, ... up to block_size, and 2x block_size, past the training context (RoPE has no
     position table, so the model runs there unchanged: extrapolation).
     NSA selection recall: the share of (layer, KV head) pairs whose selected blocks for the query
