@@ -1346,6 +1346,8 @@ def nsa_select(q, k_cmp, lse, *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE,
     if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be fp32 [B, T, HQ] = {tuple(q.shape[:3])}, got "
                          f"{lse.dtype} {tuple(lse.shape)}")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device}, q on {q.device}: they must match")
     with torch.no_grad():
         return _select(q.contiguous(), k_cmp.contiguous(), lse.contiguous(), block_len,
                        block_stride, select_block, n_select, _default_scale(q, scale))

@@ -480,5 +480,8 @@ def test_kernels_bad_inputs_raise():
     with pytest.raises(ValueError, match="lse must be fp32"):
         nk.nsa_select(q, kc, torch.zeros(1, 40, 2, device=q.device, dtype=torch.float64),
                       block_len=16, block_stride=8, select_block=32, n_select=4)
+    with pytest.raises(ValueError, match="lse is on meta"):
+        nk.nsa_select(q, kc, torch.zeros(1, 40, 2, device="meta"), block_len=16, block_stride=8,
+                      select_block=32, n_select=4)
     with pytest.raises(ValueError, match="block_stride"):
         nk.nsa_attention(q, k, v, kc, vc, *g, **dict(SMALL, block_stride=5))
