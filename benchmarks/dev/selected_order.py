@@ -1,28 +1,39 @@
-"""Dev: the selected branch alone at 8k and 64k for G = 1, 4, 8, 16 (HQ = 4G, H = 4, D = 128),
-forward order (per position / key blocks) x dq (per position / in the dk/dv kernel)."""
-import json, os, sys
+"""The selected branch alone at 8k and 64k for G = 1, 4, 8, 16 (HQ = 4G, H = 4, D = 128, paper
+hyperparameters), in each loop order: forward per position or in key-block order, dq per
+position or added atomically by the dk/dv kernel. One-off measurement behind the thresholds
+nsa_kernels.SLC_BLOCK_ORDER_BELOW_G and SLC_DQ_BY_BLOCKS_BELOW_G; run from the repository root
+on a GPU:
+
+    OUT=. python benchmarks/dev/selected_order.py        # writes ./slc.json
+"""
+import json
+import os
+import sys
+
+import torch
+
 sys.path.insert(0, os.getcwd())
-import torch, bench, nsa_kernels as nk
+import bench  # noqa: E402 (the repository root, above)
+import nsa_kernels as nk  # noqa: E402
+
 hp = dict(nk.PAPER_HP)
 out = []
 for T in (8192, 65536):
     for G in (1, 4, 8, 16):
         xs, do = bench.nsa_inputs(1, T, 4 * G, 4, 128, hp)
         f, wrt = bench.branch_fn(xs, hp, "selected")
-        for order, dq in [(False, False), (True, False), (True, True)]:
-            nk.SLC_BLOCK_ORDER_BELOW_G = 1000 if order else 0
-            nk.SLC_DQ_BY_BLOCKS_BELOW_G = 1000 if dq else 0
-            r = {"T": T, "G": G, "block_order_fwd": order, "dq_by_blocks": dq}
+        for block_order, dq_by_blocks in [(False, False), (True, False), (True, True)]:
+            nk.SLC_BLOCK_ORDER_BELOW_G = 1000 if block_order else 0
+            nk.SLC_DQ_BY_BLOCKS_BELOW_G = 1000 if dq_by_blocks else 0
+            row = {"T": T, "G": G, "block_order_fwd": block_order, "dq_by_blocks": dq_by_blocks}
             for p in ("fwd", "fwd+bwd"):
-                if p == "fwd" and dq:
-                    continue
-                try:
-                    r[p] = bench.measure(bench.timed(f, wrt, do, p))
-                except Exception as e:
-                    r[p] = {"error": str(e)[:300]}
+                if p == "fwd" and dq_by_blocks:
+                    continue  # the dq choice does not touch the forward
+                row[p] = bench.measure(bench.timed(f, wrt, do, p))
                 torch.cuda.empty_cache()
-            print(json.dumps(r), flush=True)
-            out.append(r)
+            print(json.dumps(row), flush=True)
+            out.append(row)
         del xs, do, f, wrt
         torch.cuda.empty_cache()
-json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "slc.json"), "w"), indent=1)
+with open(os.path.join(os.environ.get("OUT", "."), "slc.json"), "w") as f:
+    json.dump(out, f, indent=1)
