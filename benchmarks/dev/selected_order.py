@@ -35,5 +35,5 @@ for T in (8192, 65536):
             out.append(row)
         del xs, do, f, wrt
         torch.cuda.empty_cache()
-with open(os.path.join(os.environ.get("OUT", "."), "slc.json"), "w") as f:
-    json.dump(out, f, indent=1)
+with open(os.path.join(os.environ.get("OUT", "."), "slc.json"), "w") as fh:
+    json.dump(out, fh, indent=1)
