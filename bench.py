@@ -454,15 +454,21 @@ def sdpa(q, k, v, backend, causal=True):
                                               enable_gqa=True).transpose(1, 2)
 
 
-def branch_fn(xs, hp, branch):
-    """(f, the inputs it differentiates): one NSA branch alone, through nsa_kernels' public
-    per-branch functions, on nsa_inputs' xs."""
-    q, k, v, k_cmp, v_cmp = xs[:5]
+def selection(xs, hp):
+    """(compressed hyperparameters, selection hyperparameters, lse, idx) on nsa_inputs' xs."""
+    q, _, _, k_cmp, v_cmp = xs[:5]
     cmp_hp = {name: hp[name] for name in ("block_len", "block_stride")}
     sel_hp = dict(cmp_hp, select_block=hp["select_block"], n_select=hp["n_select"])
     with torch.no_grad():
         lse = nk.compressed_attention(q, k_cmp, v_cmp, **cmp_hp)[1]
-        idx = nk.nsa_select(q, k_cmp, lse, **sel_hp)
+        return cmp_hp, sel_hp, lse, nk.nsa_select(q, k_cmp, lse, **sel_hp)
+
+
+def branch_fn(xs, hp, branch):
+    """(f, the inputs it differentiates): one NSA branch alone, through nsa_kernels' public
+    per-branch functions, on nsa_inputs' xs."""
+    q, k, v, k_cmp, v_cmp = xs[:5]
+    cmp_hp, sel_hp, lse, idx = selection(xs, hp)
     fns = {"compressed": (lambda: nk.compressed_attention(q, k_cmp, v_cmp, **cmp_hp)[0],
                           (q, k_cmp, v_cmp)),
            "selection": (lambda: nk.nsa_select(q, k_cmp, lse, **sel_hp), ()),
@@ -509,10 +515,7 @@ def selected_loads(B, T, HQ, H, D, hp):
     the share of a position's selected blocks that the previous position also selected (a
     kernel that stacks neighbouring positions could load those once)."""
     xs, _ = nsa_inputs(B, T, HQ, H, D, hp, grad=False)
-    q, k, v, k_cmp = xs[:4]
-    sel_hp = {n: hp[n] for n in ("block_len", "block_stride", "select_block", "n_select")}
-    idx = nk.nsa_select(q, k_cmp, nk.compressed_attention(q, k_cmp, xs[4], **{
-        n: hp[n] for n in ("block_len", "block_stride")})[1], **sel_hp)
+    k, v, idx = xs[1], xs[2], selection(xs, hp)[3]
     out = torch.empty(B, T, H, device="cuda")
     run = lambda: _selected_loads_kernel[(T, B * H)](k, v, idx, out, T, H, hp["n_select"],
                                                      SBLK=hp["select_block"], D=D,

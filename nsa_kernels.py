@@ -756,18 +756,14 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
     _store_attention(o, lse, p_row, m_g, b_m, b_l, b_acc, D)
 
 
+# The selected branch in key-block order (small-G forward, dk/dv): each program takes one
+# segment of the inverted selection (_invert_selection), the positions that chose one block.
+
 @triton.jit
-def _slc_fwd_blocks_kernel(q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_start, seg_end,
-                           T, G, BQ, HQ, H, NB, NSEL, scale_log2, SBLK: tl.constexpr,
-                           BS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                           NS: tl.constexpr):
-    """Selected attention in key-block order (small G; FSA, arXiv 2508.18224): one selection
-    block against one segment of the positions that selected it (the inverted selection, as in
-    the dk/dv backward), BQ positions x G heads stacked as the BM rows of one matmul, so that
-    the block is loaded once per BQ positions instead of once per position. Each row's softmax
-    over this block alone goes to the row's slot of the block (where idx lists it): the
-    normalised output in o_part and its base-2 lse in lse_part; _slc_merge_kernel combines a
-    row's slots."""
+def _segment_block(k, v, seg_bin, seg_start, seg_end, T, H, NB, SBLK: tl.constexpr,
+                   BS: tl.constexpr, D: tl.constexpr):
+    """This program's segment: batch, KV head, block j, its range [start, end) in q_list, and
+    the block's token positions, mask, row ids and K, V tiles [BS, D]."""
     i_seg = tl.program_id(0)
     i_bin = tl.load(seg_bin + i_seg)
     start = tl.load(seg_start + i_seg)
@@ -780,15 +776,41 @@ def _slc_fwd_blocks_kernel(q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_
     m_k = (o_s < SBLK) & (pos < T)
     o_d = tl.arange(0, D)
     p_key = (i_b * T + pos).to(tl.int64) * H + i_h
-    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)  # [BS, D]
+    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
     b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+    return i_b, i_h, j, start, end, pos, m_k, p_key, b_k, b_v
+
+
+@triton.jit
+def _segment_rows(q_list, c0, end, i_b, i_h, T, HQ, G, BQ, BM: tl.constexpr):
+    """The BM rows of one chunk of a segment: the positions q_list[c0 .. c0 + BQ - 1] (those
+    before end) x the G heads of KV head i_h. Returns positions, row mask, row ids."""
     o_r = tl.arange(0, BM)
+    o_q = c0 + o_r // G
+    m_r = (o_r < BQ * G) & (o_q < end)
+    t = tl.load(q_list + o_q, mask=m_r, other=0)                              # [BM] positions
+    p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+    return t, m_r, p_row
+
+
+@triton.jit
+def _slc_fwd_blocks_kernel(q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_start, seg_end,
+                           T, G, BQ, HQ, H, NB, NSEL, scale_log2, SBLK: tl.constexpr,
+                           BS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                           NS: tl.constexpr):
+    """Selected attention in key-block order (small G; FSA, arXiv 2508.18224): one selection
+    block against one segment of the positions that selected it (the inverted selection, as in
+    the dk/dv backward), BQ positions x G heads stacked as the BM rows of one matmul, so that
+    the block is loaded once per BQ positions instead of once per position. Each row's softmax
+    over this block alone goes to the row's slot of the block (where idx lists it): the
+    normalised output in o_part and its base-2 lse in lse_part; _slc_merge_kernel combines a
+    row's slots."""
+    i_b, i_h, j, start, end, pos, m_k, p_key, b_k, b_v = _segment_block(
+        k, v, seg_bin, seg_start, seg_end, T, H, NB, SBLK, BS, D)
+    o_d = tl.arange(0, D)
     o_n = tl.arange(0, NS)
     for c0 in range(start, end, BQ):
-        o_q = c0 + o_r // G
-        m_r = (o_r < BQ * G) & (o_q < end)
-        t = tl.load(q_list + o_q, mask=m_r, other=0)                          # [BM] positions
-        p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+        t, m_r, p_row = _segment_rows(q_list, c0, end, i_b, i_h, T, HQ, G, BQ, BM)
         b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
         # the block starts at or before t (it is eligible), so every live row sees a key
@@ -874,35 +896,20 @@ def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dq, dk, dv, q_list, seg_bin, s
     positions x G heads as BM rows of one matmul; segments of a block meet by atomic adds.
     DQ: also add each chunk's share of dq (fp32) by atomic adds, in place of _slc_bwd_dq_kernel
     (which loads the n blocks of every position again)."""
-    i_seg = tl.program_id(0)
-    i_bin = tl.load(seg_bin + i_seg)
-    start = tl.load(seg_start + i_seg)
-    end = tl.load(seg_end + i_seg)
-    i_bh = i_bin // NB
-    j = i_bin % NB
-    i_b, i_h = i_bh // H, i_bh % H
-    o_s = tl.arange(0, BS)
-    pos = j * SBLK + o_s
-    m_k = (o_s < SBLK) & (pos < T)
+    i_b, i_h, j, start, end, pos, m_k, p_key, b_k, b_v = _segment_block(
+        k, v, seg_bin, seg_start, seg_end, T, H, NB, SBLK, BS, D)
     o_d = tl.arange(0, D)
-    p_key = (i_b * T + pos).to(tl.int64) * H + i_h
-    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)  # [BS, D]
-    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
     b_dk = tl.zeros([BS, D], tl.float32)
     b_dv = tl.zeros([BS, D], tl.float32)
-    o_r = tl.arange(0, BM)
     for c0 in range(start, end, BQ):
-        o_q = c0 + o_r // G
-        m_r = (o_r < BQ * G) & (o_q < end)
-        t = tl.load(q_list + o_q, mask=m_r, other=0)                          # [BM] positions
-        p_row = ((i_b * T + t).to(tl.int64) * HQ + i_h * G + o_r % G)
+        t, m_r, p_row = _segment_rows(q_list, c0, end, i_b, i_h, T, HQ, G, BQ, BM)
         b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
         m_s = m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
         b_dk, b_dv, b_ds = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
         if DQ:
             tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :],
-                          tl.dot(b_ds, b_k).to(tl.float32) * scale, mask=m_r[:, None])
+                          tl.dot(b_ds, b_k) * scale, mask=m_r[:, None])
     m_out = m_k[:, None] & (start < end)
     p_out = p_key[:, None] * D + o_d[None, :]
     tl.atomic_add(dk + p_out, b_dk * scale, mask=m_out)
@@ -1064,6 +1071,8 @@ def _slc_tiles(G, select_block):
 
 
 def _slc_fwd(q, k, v, idx, select_block, scale):
+    """Selected attention: o, lse, and the inverted selection it built (empty from G = 16) for
+    _slc_bwd to reuse."""
     B, T, HQ, D = q.shape
     H, n = k.shape[2], idx.shape[-1]
     G = HQ // H
@@ -1074,10 +1083,11 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
         _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
                                     SBLK=select_block, BS=BS, D=D, BG=BG,
                                     num_warps=2, num_stages=2)
-        return o, lse
+        return o, lse, ()
     # small G: key-block order, then a merge (the pieces: n outputs per query row)
     n_blocks = triton.cdiv(T, select_block)
-    q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
+    inv = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
+    q_list, seg_bin, seg_start, seg_end = inv
     o_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     lse_part = _alloc((B, T, HQ, n), torch.float32, q.device)
     BM = _tile_rows(G, 64)
@@ -1087,7 +1097,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
         NS=triton.next_power_of_2(n), num_warps=_num_warps(BM, D), num_stages=2)
     _slc_merge_kernel[(T, B * H)](o_part, lse_part, o, lse, T, G, HQ, H, n, SBLK=select_block,
                                   D=D, BG=triton.next_power_of_2(G), num_warps=4)
-    return o, lse
+    return o, lse, inv
 
 
 def _invert_selection(idx, n_blocks, segment):
@@ -1119,8 +1129,9 @@ def _invert_selection(idx, n_blocks, segment):
             torch.where(valid, end, zero).to(torch.int32))
 
 
-def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scale):
-    """Backward of _slc_fwd: writes (accum: adds) the fp32 dq; adds into the fp32 dk, dv."""
+def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block, scale):
+    """Backward of _slc_fwd: writes (accum: adds) the fp32 dq; adds into the fp32 dk, dv. inv:
+    the forward's inverted selection, or () to build it here."""
     B, T, HQ, D = q.shape
     H, n = k.shape[2], idx.shape[-1]
     G = HQ // H
@@ -1133,7 +1144,7 @@ def _slc_bwd(q, k, v, idx, do, lse, delta, dq, accum, dk, dv, select_block, scal
     elif not accum:
         dq.zero_()
     n_blocks = triton.cdiv(T, select_block)
-    q_list, seg_bin, seg_start, seg_end = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
+    q_list, seg_bin, seg_start, seg_end = inv or _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     BM = _tile_rows(G, 64)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
         q, k, v, do, lse, delta, dq, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G,
@@ -1241,7 +1252,7 @@ class _NSAFunction(torch.autograd.Function):
         o_cmp, lse_cmp = _dense_fwd(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
                                     scale)
         idx = _select(q, k_cmp, lse_cmp, block_len, block_stride, select_block, n_select, scale)
-        o_slc, lse_slc = _slc_fwd(q, k, v, idx, select_block, scale)
+        o_slc, lse_slc, inv = _slc_fwd(q, k, v, idx, select_block, scale)
         o_win, lse_win = _dense_fwd(q, k, v, 1, 0, window, scale)
         o = _combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
         if "compressed" in RECOMPUTE:
@@ -1249,14 +1260,14 @@ class _NSAFunction(torch.autograd.Function):
         if "window" in RECOMPUTE:
             o_win = lse_win = None
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
-                              lse_cmp, lse_slc, lse_win, idx)
+                              lse_cmp, lse_slc, lse_win, idx, *inv)
         ctx.cfg = (block_len, block_stride, select_block, window, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
         (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
-         lse_cmp, lse_slc, lse_win, idx) = ctx.saved_tensors
+         lse_cmp, lse_slc, lse_win, idx, *inv) = ctx.saved_tensors
         block_len, block_stride, select_block, window, scale = ctx.cfg
         if o_cmp is None:
             o_cmp, lse_cmp = _dense_fwd(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
@@ -1270,7 +1281,7 @@ class _NSAFunction(torch.autograd.Function):
         dk_cmp, dv_cmp = _dense_bwd(q, k_cmp, v_cmp, do, lg_cmp, dg[0], dq, False,
                                     *_cmp_geometry(block_len, block_stride), scale)
         dk, dv = _dense_bwd(q, k, v, do, lg_win, dg[2], dq, True, 1, 0, window, scale)
-        _slc_bwd(q, k, v, idx, do, lg_slc, dg[1], dq, True, dk, dv, select_block, scale)
+        _slc_bwd(q, k, v, idx, inv, do, lg_slc, dg[1], dq, True, dk, dv, select_block, scale)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype),
                 dv_cmp.to(v_cmp.dtype), dg[0].to(g_cmp.dtype), dg[1].to(g_slc.dtype),
                 dg[2].to(g_win.dtype), None, None, None, None, None, None)
@@ -1303,20 +1314,21 @@ class _SlcFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, select_block, scale):
         q, k, v, idx = q.contiguous(), k.contiguous(), v.contiguous(), idx.contiguous()
-        o, lse = _slc_fwd(q, k, v, idx, select_block, scale)
-        ctx.save_for_backward(q, k, v, idx, o, lse)
+        o, lse, inv = _slc_fwd(q, k, v, idx, select_block, scale)
+        ctx.save_for_backward(q, k, v, idx, o, lse, *inv)
         ctx.cfg = (select_block, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, idx, o, lse = ctx.saved_tensors
+        q, k, v, idx, o, lse, *inv = ctx.saved_tensors
         select_block, scale = ctx.cfg
         do = do.contiguous()
         dq = _alloc(q.shape, torch.float32, q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        _slc_bwd(q, k, v, idx, do, lse, _delta(do, o), dq, False, dk, dv, select_block, scale)
+        _slc_bwd(q, k, v, idx, inv, do, lse, _delta(do, o), dq, False, dk, dv, select_block,
+                 scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
