@@ -46,6 +46,7 @@ from triton.runtime.errors import OutOfResources
 
 import common
 import nsa_kernels as nk
+from common import fmt_tokens
 from model import GPT, DecodeGraph, GPTConfig, KVCache, nsa_key_counts
 
 KERNEL_T = [4096, 8192, 16384, 32768, 65536, 131072]
@@ -96,13 +97,10 @@ def decode_tokens_read(T, hp):
 def parse_lengths(text):
     """'4k,8192,128k' -> [4096, 8192, 131072]."""
     try:
-        out = [int(x[:-1]) * 1024 if x.endswith("k") else int(x)
-               for x in text.lower().replace(" ", "").split(",") if x]
+        return common.parse_tokens(text)
     except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"lengths are positive, like 4k,8192,128k; got {text!r}")
-    return out
+        raise argparse.ArgumentTypeError(f"lengths are positive, like 4k,8192,128k; got "
+                                         f"{text!r}") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -130,10 +128,7 @@ def parse_args(argv):
                 os.path.abspath(path)))):
             raise common.UserError(f"{flag} {path}: not a file name in an existing folder")
     if args.plot:
-        try:  # only with --plot: matplotlib is optional
-            import matplotlib.pyplot  # noqa: F401 (checked early, imported in plot_kernel)
-        except ImportError as e:
-            raise common.UserError(f"--plot needs matplotlib ({e})") from None
+        common.pyplot()
     return args
 
 
@@ -205,10 +200,6 @@ def fmt(x):
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def fmt_T(T):
-    return f"{T // 1024}k" if T % 1024 == 0 else str(T)
-
-
 def ms(entry):
     return entry.get("ms") if entry and entry["status"] == "ok" else None
 
@@ -236,8 +227,7 @@ def best_sdpa(row):
 
 def markdown(title, headers, lines):
     """The one table printer: a title, then a markdown table, one line per list of cells."""
-    return f"{title}\n\n" + "\n".join("| " + " | ".join(map(str, line)) + " |"
-                                      for line in [headers, ["---"] * len(headers), *lines])
+    return f"{title}\n\n" + common.markdown_table(headers, lines)
 
 
 def kernel_tables(rows):
@@ -245,7 +235,7 @@ def kernel_tables(rows):
     impls = [i for i in LABEL if any(i in r for r in sel)]
     speed, branches = [], []
     for r in sel:
-        nsa, T = r.get("nsa"), fmt_T(r["T"])
+        nsa, T = r.get("nsa"), fmt_tokens(r["T"])
         speed.append([T, r["pass"], *(cell(r.get(i)) for i in impls),
                       ratio(best_sdpa(r), ms(nsa)),
                       fmt(nsa["flops"] / nsa["ms"] / 1e9) if ms(nsa) else "-",
@@ -254,8 +244,8 @@ def kernel_tables(rows):
         branches.append([T, r["pass"]] + [  # the selection's floor: half a forward (q.k only)
             f"{cell(r.get(b))} / {cell(r.get(b + ' floor'), 0.5 if b == 'selection' else 1)}"
             for b in BRANCHES] + [fmt(rest) if rest else "-", cell(nsa)])
-    loads = [[fmt_T(r["T"]), cell(r.get("selected")), cell(e), fmt(e["gb"]), fmt(e["tb_per_s"]),
-              f"{100 * e['neighbour_share']:.0f}%"]
+    loads = [[fmt_tokens(r["T"]), cell(r.get("selected")), cell(e), fmt(e["gb"]),
+              fmt(e["tb_per_s"]), f"{100 * e['neighbour_share']:.0f}%"]
              for r in sel if (e := r.get("selected loads") or {}).get("status") == "ok"]
     return "\n\n".join(t for t in [profile_table(sel), markdown(
         "Selected branch forward against the per-position order's loads alone (the order used "
@@ -287,7 +277,7 @@ def profile_table(rows):
             groups.setdefault(kernel_group(name), []).append((name, us))
         for group, ks in sorted(groups.items(), key=lambda g: -sum(us for _, us in g[1])):
             us = sum(us for _, us in ks)
-            lines.append([fmt_T(r["T"]), r["pass"], group, fmt(us / 1000),
+            lines.append([fmt_tokens(r["T"]), r["pass"], group, fmt(us / 1000),
                           f"{100 * us / sum(kernels.values()):.0f}%",
                           ", ".join(name for name, _ in ks)[:80]])
     return markdown("GPU kernels of one nsa_attention call, by branch (torch.profiler)",
@@ -298,13 +288,13 @@ def decode_tables(rows):
     steps, models = [], []
     for r in rows:
         if r["kind"] == "decode":
-            steps.append([r["B"], fmt_T(r["T"])] + [cell(r.get(i), 1000) + (
+            steps.append([r["B"], fmt_tokens(r["T"])] + [cell(r.get(i), 1000) + (
                 "*" if ms(r.get(i)) and r[i]["method"] != "graph" else "") for i in ("nsa", *SDPA)]
                 + [ratio(best_sdpa(r), ms(r.get("nsa"))), f"{r['tokens_read']:.0f} / {r['T']}",
                    f"{r['T'] / r['tokens_read']:.1f}x",
                    pair(r, ("nsa", "cudnn"), lambda e: f"{e['bytes'] / e['ms'] / 1e9:.2f}")])
         elif r["kind"] == "generate":
-            models.append([r["B"], fmt_T(r["T"]),
+            models.append([r["B"], fmt_tokens(r["T"]),
                            pair(r, ("nsa", "full"), lambda e: f"{e['tokens_per_s']:.0f}"),
                            ratio(ms(r.get("full")), ms(r.get("nsa"))),
                            pair(r, ("nsa", "full"), lambda e: fmt(e["prefill_s"])),
@@ -322,7 +312,7 @@ def decode_tables(rows):
 
 def train_table(rows):
     sel = [r for r in rows if r["kind"] == "train"]
-    lines = [[fmt_T(r["T"]), cell(r.get("nsa")), cell(r.get("full")),
+    lines = [[fmt_tokens(r["T"]), cell(r.get("nsa")), cell(r.get("full")),
               pair(r, ("nsa", "full"), lambda e: f"{e['tokens_per_s']:.0f}"),
               ratio(ms(r.get("full")), ms(r.get("nsa"))),
               pair(r, ("nsa", "full"), lambda e: f"{100 * e['mfu']:.1f}%" if e["mfu"] else "-"),
@@ -336,7 +326,7 @@ def train_table(rows):
                      "MFU NSA / full", "held for bwd GiB NSA / full", "peak GiB NSA / full"],
                     lines) + (
         "\n\nLargest context where one step fits: "
-        + ", ".join(f"{a} {fmt_T(max(t)) if t else 'none'}" for a, t in fits.items()))
+        + ", ".join(f"{a} {fmt_tokens(max(t)) if t else 'none'}" for a, t in fits.items()))
 
 
 def all_tables(rows):
@@ -347,9 +337,7 @@ def all_tables(rows):
 
 def plot_kernel(rows, path):
     """Log-log time vs T of every implementation, forward and forward+backward."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, p in zip(axes, PASSES):
         for impl in LABEL:
@@ -359,7 +347,7 @@ def plot_kernel(rows, path):
                 ax.plot(*zip(*pts), marker="o", label=LABEL[impl])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(lambda x, _: fmt_T(int(x)))
+        ax.xaxis.set_major_formatter(lambda x, _: fmt_tokens(int(x)))
         ax.set(xlabel="context T (tokens)", ylabel="ms", title=f"attention {p}")
         if ax.lines:
             ax.legend()

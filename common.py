@@ -1,7 +1,8 @@
 """
 Pieces the scripts share (train.py, sample.py, bench.py, prepare_data.py, eval.py): one-line
 errors for user mistakes, config files and --key=value overrides, device and dtype resolution,
-atomic writes and checkpoints, GPU peak rates, run provenance, and the passkey task.
+token counts, tables and figures, atomic writes and checkpoints, GPU peak rates, run
+provenance, and the passkey task.
 No script imports another script; they all import this.
 """
 import ast
@@ -151,6 +152,42 @@ def peak_bf16_flops(device_name):
         if key in device_name:
             return flops
     return None
+
+
+# ----------------------------------------------------------------------------- output
+def parse_tokens(text):
+    """'4k,8192,128k' -> [4096, 8192, 131072]; ValueError unless positive token counts."""
+    try:
+        out = [int(x[:-1]) * 1024 if x.endswith("k") else int(x)
+               for x in text.lower().replace(" ", "").split(",") if x]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise ValueError(f"token counts are positive, like 4k,8192,128k; got {text!r}")
+    return out
+
+
+def fmt_tokens(n):
+    """8192 -> '8k'; 1000 -> '1000'."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def markdown_table(headers, lines):
+    """A markdown table, one line per list of cells."""
+    return "\n".join("| " + " | ".join(map(str, line)) + " |"
+                     for line in [headers, ["---"] * len(headers), *lines])
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (matplotlib is optional: only --plot needs it); call it
+    before long work so that a missing matplotlib stops at once."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UserError(f"--plot needs matplotlib ({e}): pip install matplotlib") from None
+    return plt
 
 
 # ----------------------------------------------------------------------------- files

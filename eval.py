@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import EOT, UserError
+from common import EOT, UserError, fmt_tokens, markdown_table, pyplot
 
 DEFAULT_DEPTHS = "0,25,50,75,100"
 
@@ -109,18 +109,10 @@ def read_split(data_dir, dataset, split):
 def parse_sizes(text, name):
     """'1k,2k,8192' -> [1024, 2048, 8192]."""
     try:
-        sizes = [int(s[:-1]) * 1024 if s.lower().endswith("k") else int(s)
-                 for s in text.split(",") if s.strip()]
+        return common.parse_tokens(text)
     except ValueError:
-        raise UserError(f"--{name} must be a comma list of token counts such as 1k,2k,8192, "
-                        f"got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--{name} must hold positive token counts, got {text!r}")
-    return sizes
-
-
-def fmt_tokens(n):
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+        raise UserError(f"--{name} must be a comma list of positive token counts such as "
+                        f"1k,2k,8192, got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------- loss by position
@@ -194,12 +186,6 @@ def mean_and_se(per_window):
     n = per_window.shape[0]
     se = per_window.std(dim=0) / n ** 0.5 if n > 1 else torch.zeros_like(per_window[0])
     return per_window.mean(dim=0).tolist(), se.tolist()
-
-
-def markdown_table(headers, lines):
-    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
-    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
-    return "\n".join(out)
 
 
 def plot_loss(results, buckets, T, path):
@@ -509,18 +495,6 @@ def open_runs(args):
 def device_and_autocast(args):
     dev, dtype = common.resolve_device(args.device, args.dtype)
     return dev, dtype, common.autocast(dev, dtype)
-
-
-def pyplot():
-    """matplotlib.pyplot, drawing to files; called before the evaluation so that a missing
-    matplotlib stops the run at once."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise UserError(f"--plot needs matplotlib ({e}): pip install matplotlib") from None
-    return plt
 
 
 def save_figure(fig, path):
