@@ -373,8 +373,11 @@ def test_ctrl_c_stops_with_one_line(work):
     out = work["dir"] / "interrupted"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"),
            *train_args(work, out, "--attention=full", "--max_iters=100000", "--eval_interval=3")]
+    # a shell's background job inherits SIGINT ignored, and Python then installs no Ctrl-C
+    # handler: give the run the default disposition, as a terminal would
     p = subprocess.Popen(cmd, cwd=work["dir"], env=script_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(r.get("iter", 0) >= 4 and "train_loss" in r for r in read_log(out)):
         assert p.poll() is None and time.time() < deadline, "the run did not get to step 4"
