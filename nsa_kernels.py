@@ -21,7 +21,8 @@ keys (KV-cache decoding, chunked prefill), for CPU tensors without the interpret
 one-time warning on a GPU) for inputs the kernels do not take: float64, head dims outside
 16/32/64/128/256. Kernel inputs: fp16, bf16 or fp32 (fp32 dots run as tf32 on a GPU), any T >= 1,
 any G >= 1, B >= 1. Extra memory of forward + backward: O(T * (HQ*D + H*n)), and for G < 16
-(SLC_BLOCK_ORDER_BELOW_G) a transient O(T * HQ * n * D) in the selected branch's forward.
+(SLC_BLOCK_ORDER_BELOW_G, SLC_DQ_PIECES_BELOW_G) a transient O(T * HQ * n * D) in the selected
+branch's forward and backward.
 RECOMPUTE names the branches whose outputs the backward recomputes instead of holding them.
 
 Per-branch entry points (Triton only, for benchmarks and tests; each differentiable but
@@ -794,6 +795,17 @@ def _segment_rows(q_list, c0, end, i_b, i_h, T, HQ, G, BQ, BM: tl.constexpr):
 
 
 @triton.jit
+def _block_slot(idx, i_b, i_h, t, j, m_r, T, H, NSEL, NS: tl.constexpr):
+    """The slot (0 .. n-1) where the selection of each position t lists block j: where a row
+    writes its piece of the block."""
+    o_n = tl.arange(0, NS)
+    p_sel = ((i_b * T + t).to(tl.int64) * H + i_h) * NSEL
+    b_sel = tl.load(idx + p_sel[:, None] + o_n[None, :],
+                    mask=m_r[:, None] & (o_n[None, :] < NSEL), other=-1)       # [BM, NS]
+    return tl.sum(tl.where(b_sel == j, o_n[None, :], 0), 1)                   # listed once
+
+
+@triton.jit
 def _slc_fwd_blocks_kernel(q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_start, seg_end,
                            T, G, BQ, HQ, H, NB, NSEL, scale_log2, SBLK: tl.constexpr,
                            BS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
@@ -808,7 +820,6 @@ def _slc_fwd_blocks_kernel(q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_
     i_b, i_h, j, start, end, pos, m_k, p_key, b_k, b_v = _segment_block(
         k, v, seg_bin, seg_start, seg_end, T, H, NB, SBLK, BS, D)
     o_d = tl.arange(0, D)
-    o_n = tl.arange(0, NS)
     for c0 in range(start, end, BQ):
         t, m_r, p_row = _segment_rows(q_list, c0, end, i_b, i_h, T, HQ, G, BQ, BM)
         b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
@@ -820,11 +831,7 @@ def _slc_fwd_blocks_kernel(q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_
         b_p = tl.exp2(b_s - b_m[:, None])
         b_l = tl.where(m_r, tl.sum(b_p, 1), 1.)
         b_o = tl.dot(b_p.to(b_v.dtype), b_v) / b_l[:, None]                   # [BM, D]
-        p_sel = ((i_b * T + t).to(tl.int64) * H + i_h) * NSEL
-        b_sel = tl.load(idx + p_sel[:, None] + o_n[None, :],
-                        mask=m_r[:, None] & (o_n[None, :] < NSEL), other=-1)   # [BM, NS]
-        slot = tl.sum(tl.where(b_sel == j, o_n[None, :], 0), 1)               # listed once
-        p_part = p_row * NSEL + slot
+        p_part = p_row * NSEL + _block_slot(idx, i_b, i_h, t, j, m_r, T, H, NSEL, NS)
         tl.store(o_part + p_part[:, None] * D + o_d[None, :], b_o.to(o_part.dtype.element_ty),
                  mask=m_r[:, None])
         tl.store(lse_part + p_part, b_m + tl.log2(b_l), mask=m_r)
@@ -888,14 +895,17 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
 
 
 @triton.jit
-def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dq, dk, dv, q_list, seg_bin, seg_start,
-                         seg_end, T, G, BQ, HQ, H, NB, scale_log2, scale, DQ: tl.constexpr,
-                         SBLK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
+def _slc_bwd_dkdv_kernel(q, k, v, idx, do, lse, delta, dq, dq_part, dk, dv, q_list, seg_bin,
+                         seg_start, seg_end, T, G, BQ, HQ, H, NB, NSEL, scale_log2, scale,
+                         DQ: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
+                         D: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr):
     """dk, dv of one selection block from one segment of the queries that selected it (the
     inverted selection, q_list, holds the positions grouped by block). Each chunk stacks BQ
     positions x G heads as BM rows of one matmul; segments of a block meet by atomic adds.
-    DQ: also add each chunk's share of dq (fp32) by atomic adds, in place of _slc_bwd_dq_kernel
-    (which loads the n blocks of every position again)."""
+    Each chunk's dS also gives its rows' share of dq, dS k, in place of _slc_bwd_dq_kernel
+    (which loads the n blocks of every position again): DQ = 1 adds it to the fp32 dq by atomic
+    adds, DQ = 2 stores it as the row's piece for this block (its slot, as in the forward) for
+    _slc_dq_merge_kernel to sum; DQ = 0 leaves dq alone."""
     i_b, i_h, j, start, end, pos, m_k, p_key, b_k, b_v = _segment_block(
         k, v, seg_bin, seg_start, seg_end, T, H, NB, SBLK, BS, D)
     o_d = tl.arange(0, D)
@@ -907,13 +917,38 @@ def _slc_bwd_dkdv_kernel(q, k, v, do, lse, delta, dq, dk, dv, q_list, seg_bin, s
         m_s = m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
         b_dk, b_dv, b_ds = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
-        if DQ:
+        if DQ == 1:
             tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :],
                           tl.dot(b_ds, b_k) * scale, mask=m_r[:, None])
+        if DQ == 2:
+            p_part = p_row * NSEL + _block_slot(idx, i_b, i_h, t, j, m_r, T, H, NSEL, NS)
+            tl.store(dq_part + p_part[:, None] * D + o_d[None, :],
+                     (tl.dot(b_ds, b_k) * scale).to(dq_part.dtype.element_ty),
+                     mask=m_r[:, None])
     m_out = m_k[:, None] & (start < end)
     p_out = p_key[:, None] * D + o_d[None, :]
     tl.atomic_add(dk + p_out, b_dk * scale, mask=m_out)
     tl.atomic_add(dv + p_out, b_dv, mask=m_out)
+
+
+@triton.jit
+def _slc_dq_merge_kernel(dq_part, dq, T, HQ, NSEL, N_ROWS, ACCUM: tl.constexpr,
+                         SBLK: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
+    """dq (fp32) of BR query rows = the sum of their pieces from _slc_bwd_dkdv_kernel (DQ = 2),
+    added to what an earlier branch wrote there if ACCUM."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < N_ROWS
+    n_eligible = tl.minimum(NSEL, (o_r // HQ) % T // SBLK + 1)                 # [BR]
+    o_d = tl.arange(0, D)
+    p_dq = dq + o_r[:, None] * D + o_d[None, :]
+    b_dq = tl.zeros([BR, D], tl.float32)
+    if ACCUM:
+        b_dq += tl.load(p_dq, mask=m_r[:, None], other=0.)
+    for i_n in range(NSEL):
+        m_n = m_r & (i_n < n_eligible)
+        b_dq += tl.load(dq_part + (o_r * NSEL + i_n)[:, None] * D + o_d[None, :],
+                        mask=m_n[:, None], other=0.).to(tl.float32)
+    tl.store(p_dq, b_dq, mask=m_r[:, None])
 
 
 @triton.jit
@@ -981,11 +1016,14 @@ POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: un
 # position / key-block order: G=1 15.9 / 2.5 ms, G=4 17.3 / 6.8, G=8 17.4 / 12.1,
 # G=16 15.8 / 23.2.
 SLC_BLOCK_ORDER_BELOW_G = 16
-# Below this group size the selected branch's dq is added atomically by the dk/dv kernel (which
-# forms dS in key-block order anyway) instead of by a per-position kernel. Same H200 setting,
-# branch fwd+bwd (key-block forward), per-position dq / atomic dq: G=1 22.2 / 14.9 ms,
-# G=4 30.8 / 51.2, G=8 41.3 / 99.4: the atomics grow with G.
-SLC_DQ_BY_BLOCKS_BELOW_G = 2
+# How the selected branch's backward forms dq below these group sizes: added atomically by the
+# dk/dv kernel (which forms dS in key-block order anyway); else stored by it as one piece per
+# selected block and summed by a merge kernel (a transient n x q, like the forward's pieces);
+# from SLC_DQ_PIECES_BELOW_G on by a per-position kernel that loads the n blocks again. H200,
+# branch fwd+bwd (key-block forward), 64k, HQ = 4G, H = 4, D = 128, per-position / atomic dq:
+# G=1 22.2 / 14.9 ms, G=4 30.8 / 51.2, G=8 41.3 / 99.4 (2026-11-29): the atomics grow with G.
+SLC_DQ_ATOMIC_BELOW_G = 2
+SLC_DQ_PIECES_BELOW_G = 16
 # selected dk/dv (and the selected forward in key-block order): at most _SLC_SEGMENT queries
 # per program
 _CMP_SPLIT_POSITIONS = 4096
@@ -1129,6 +1167,14 @@ def _invert_selection(idx, n_blocks, segment):
             torch.where(valid, end, zero).to(torch.int32))
 
 
+def _slc_dq_mode(G):
+    """How the selected backward forms dq (see _slc_bwd_dkdv_kernel's DQ): per position, by
+    atomic adds, or as pieces."""
+    if G < SLC_DQ_ATOMIC_BELOW_G:
+        return 1
+    return 2 if G < SLC_DQ_PIECES_BELOW_G else 0
+
+
 def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block, scale):
     """Backward of _slc_fwd: writes (accum: adds) the fp32 dq; adds into the fp32 dk, dv. inv:
     the forward's inverted selection, or () to build it here."""
@@ -1136,20 +1182,29 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
     H, n = k.shape[2], idx.shape[-1]
     G = HQ // H
     BG, BS = _slc_tiles(G, select_block)
-    dq_by_blocks = G < SLC_DQ_BY_BLOCKS_BELOW_G
-    if not dq_by_blocks:
+    dq_mode = _slc_dq_mode(G)
+    dq_part = dq
+    if dq_mode == 0:
         _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                        scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
                                        BS=BS, D=D, BG=BG, num_warps=2, num_stages=2)
-    elif not accum:
+    elif dq_mode == 1 and not accum:
         dq.zero_()
+    elif dq_mode == 2:
+        dq_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = inv or _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     BM = _tile_rows(G, 64)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
-        q, k, v, do, lse, delta, dq, dk, dv, q_list, seg_bin, seg_start, seg_end, T, G, BM // G,
-        HQ, H, n_blocks, scale * _LOG2E, scale, DQ=dq_by_blocks, SBLK=select_block, BS=BS, D=D,
-        BM=BM, num_warps=_num_warps(BM, D), num_stages=2)
+        q, k, v, idx, do, lse, delta, dq, dq_part, dk, dv, q_list, seg_bin, seg_start, seg_end,
+        T, G, BM // G, HQ, H, n_blocks, n, scale * _LOG2E, scale, DQ=dq_mode, SBLK=select_block,
+        BS=BS, D=D, BM=BM, NS=triton.next_power_of_2(n), num_warps=_num_warps(BM, D),
+        num_stages=2)
+    if dq_mode == 2:
+        BR = 256 if _INTERPRET else 32
+        _slc_dq_merge_kernel[(triton.cdiv(dq.numel() // D, BR),)](
+            dq_part, dq, T, HQ, n, dq.numel() // D, ACCUM=accum, SBLK=select_block, D=D, BR=BR,
+            num_warps=4)
 
 
 def _select_tiles(G, D, elem_size, block_len, block_stride, select_block, n_select):

@@ -1,8 +1,8 @@
 """The selected branch alone at 8k and 64k for G = 1, 4, 8, 16 (HQ = 4G, H = 4, D = 128, paper
 hyperparameters), in each loop order: forward per position or in key-block order, dq per
-position or added atomically by the dk/dv kernel. One-off measurement behind the thresholds
-nsa_kernels.SLC_BLOCK_ORDER_BELOW_G and SLC_DQ_BY_BLOCKS_BELOW_G; run from the repository root
-on a GPU:
+position, added atomically by the dk/dv kernel, or stored by it as pieces and merged. One-off
+measurement behind the thresholds nsa_kernels.SLC_BLOCK_ORDER_BELOW_G, SLC_DQ_ATOMIC_BELOW_G and
+SLC_DQ_PIECES_BELOW_G; run from the repository root on a GPU:
 
     OUT=. python benchmarks/dev/selected_order.py        # writes ./slc.json
 """
@@ -22,12 +22,14 @@ for T in (8192, 65536):
     for G in (1, 4, 8, 16):
         xs, do = bench.nsa_inputs(1, T, 4 * G, 4, 128, hp)
         f, wrt = bench.branch_fn(xs, hp, "selected")
-        for block_order, dq_by_blocks in [(False, False), (True, False), (True, True)]:
+        for block_order, dq in [(False, "position"), (True, "position"), (True, "atomic"),
+                                (True, "pieces")]:
             nk.SLC_BLOCK_ORDER_BELOW_G = 1000 if block_order else 0
-            nk.SLC_DQ_BY_BLOCKS_BELOW_G = 1000 if dq_by_blocks else 0
-            row = {"T": T, "G": G, "block_order_fwd": block_order, "dq_by_blocks": dq_by_blocks}
+            nk.SLC_DQ_ATOMIC_BELOW_G = 1000 if dq == "atomic" else 0
+            nk.SLC_DQ_PIECES_BELOW_G = 1000 if dq == "pieces" else 0
+            row = {"T": T, "G": G, "block_order_fwd": block_order, "dq": dq}
             for p in ("fwd", "fwd+bwd"):
-                if p == "fwd" and dq_by_blocks:
+                if p == "fwd" and dq != "position":
                     continue  # the dq choice does not touch the forward
                 row[p] = bench.measure(bench.timed(f, wrt, do, p))
                 torch.cuda.empty_cache()
