@@ -895,17 +895,16 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
 
 
 @triton.jit
-def _slc_bwd_dkdv_kernel(q, k, v, idx, do, lse, delta, dq, dq_part, dk, dv, q_list, seg_bin,
+def _slc_bwd_dkdv_kernel(q, k, v, idx, do, lse, delta, dq_part, dk, dv, q_list, seg_bin,
                          seg_start, seg_end, T, G, BQ, HQ, H, NB, NSEL, scale_log2, scale,
-                         DQ: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
+                         DQ_PIECES: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
                          D: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr):
     """dk, dv of one selection block from one segment of the queries that selected it (the
     inverted selection, q_list, holds the positions grouped by block). Each chunk stacks BQ
     positions x G heads as BM rows of one matmul; segments of a block meet by atomic adds.
-    Each chunk's dS also gives its rows' share of dq, dS k, in place of _slc_bwd_dq_kernel
-    (which loads the n blocks of every position again): DQ = 1 adds it to the fp32 dq by atomic
-    adds, DQ = 2 stores it as the row's piece for this block (its slot, as in the forward) for
-    _slc_dq_merge_kernel to sum; DQ = 0 leaves dq alone."""
+    DQ_PIECES: each chunk's dS also gives its rows' share of dq, dS k, stored as the row's piece
+    for this block (at its slot, as the forward's pieces) for _slc_dq_merge_kernel to sum, in
+    place of _slc_bwd_dq_kernel (which loads the n blocks of every position again)."""
     i_b, i_h, j, start, end, pos, m_k, p_key, b_k, b_v = _segment_block(
         k, v, seg_bin, seg_start, seg_end, T, H, NB, SBLK, BS, D)
     o_d = tl.arange(0, D)
@@ -917,10 +916,7 @@ def _slc_bwd_dkdv_kernel(q, k, v, idx, do, lse, delta, dq, dq_part, dk, dv, q_li
         m_s = m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
         b_dk, b_dv, b_ds = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
-        if DQ == 1:
-            tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :],
-                          tl.dot(b_ds, b_k) * scale, mask=m_r[:, None])
-        if DQ == 2:
+        if DQ_PIECES:
             p_part = p_row * NSEL + _block_slot(idx, i_b, i_h, t, j, m_r, T, H, NSEL, NS)
             tl.store(dq_part + p_part[:, None] * D + o_d[None, :],
                      (tl.dot(b_ds, b_k) * scale).to(dq_part.dtype.element_ty),
@@ -934,7 +930,7 @@ def _slc_bwd_dkdv_kernel(q, k, v, idx, do, lse, delta, dq, dq_part, dk, dv, q_li
 @triton.jit
 def _slc_dq_merge_kernel(dq_part, dq, T, HQ, NSEL, N_ROWS, ACCUM: tl.constexpr,
                          SBLK: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
-    """dq (fp32) of BR query rows = the sum of their pieces from _slc_bwd_dkdv_kernel (DQ = 2),
+    """dq (fp32) of BR query rows = the sum of their pieces from _slc_bwd_dkdv_kernel,
     added to what an earlier branch wrote there if ACCUM."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < N_ROWS
@@ -1016,13 +1012,14 @@ POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: un
 # position / key-block order: G=1 15.9 / 2.5 ms, G=4 17.3 / 6.8, G=8 17.4 / 12.1,
 # G=16 15.8 / 23.2.
 SLC_BLOCK_ORDER_BELOW_G = 16
-# How the selected branch's backward forms dq below these group sizes: added atomically by the
-# dk/dv kernel (which forms dS in key-block order anyway); else stored by it as one piece per
-# selected block and summed by a merge kernel (a transient n x q, like the forward's pieces);
-# from SLC_DQ_PIECES_BELOW_G on by a per-position kernel that loads the n blocks again. H200,
-# branch fwd+bwd (key-block forward), 64k, HQ = 4G, H = 4, D = 128, per-position / atomic dq:
-# G=1 22.2 / 14.9 ms, G=4 30.8 / 51.2, G=8 41.3 / 99.4 (2026-11-29): the atomics grow with G.
-SLC_DQ_ATOMIC_BELOW_G = 2
+# Below this group size the selected branch's backward forms dq in key-block order too: the
+# dk/dv kernel stores each row's share for each selected block (a transient n x q, like the
+# forward's pieces) and a merge kernel sums a row's n shares; from it on a per-position kernel
+# loads every position's n blocks again, as the per-position forward does. H200, the branch's
+# fwd+bwd (key-block forward), 64k, HQ = 4G, H = 4, D = 128 (2026-11-29), dq per position /
+# atomic adds in the dk/dv kernel / pieces: G=1 21.8 / 13.9 / 7.25 ms, G=4 30.7 / 50.5 / 21.6,
+# G=8 41.0 / 97.9 / 37.8; at G=16 the per-position order throughout takes 54.1 ms, pieces
+# after the key-block forward 66.6 (benchmarks/selected_order_h200_2026-11-29b.jsonl).
 SLC_DQ_PIECES_BELOW_G = 16
 # selected dk/dv (and the selected forward in key-block order): at most _SLC_SEGMENT queries
 # per program
@@ -1167,14 +1164,6 @@ def _invert_selection(idx, n_blocks, segment):
             torch.where(valid, end, zero).to(torch.int32))
 
 
-def _slc_dq_mode(G):
-    """How the selected backward forms dq (see _slc_bwd_dkdv_kernel's DQ): per position, by
-    atomic adds, or as pieces."""
-    if G < SLC_DQ_ATOMIC_BELOW_G:
-        return 1
-    return 2 if G < SLC_DQ_PIECES_BELOW_G else 0
-
-
 def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block, scale):
     """Backward of _slc_fwd: writes (accum: adds) the fp32 dq; adds into the fp32 dk, dv. inv:
     the forward's inverted selection, or () to build it here."""
@@ -1182,25 +1171,23 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
     H, n = k.shape[2], idx.shape[-1]
     G = HQ // H
     BG, BS = _slc_tiles(G, select_block)
-    dq_mode = _slc_dq_mode(G)
-    dq_part = dq
-    if dq_mode == 0:
+    dq_pieces = G < SLC_DQ_PIECES_BELOW_G
+    if dq_pieces:
+        dq_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
+    else:
+        dq_part = dq  # not written
         _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                        scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
                                        BS=BS, D=D, BG=BG, num_warps=2, num_stages=2)
-    elif dq_mode == 1 and not accum:
-        dq.zero_()
-    elif dq_mode == 2:
-        dq_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = inv or _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     BM = _tile_rows(G, 64)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
-        q, k, v, idx, do, lse, delta, dq, dq_part, dk, dv, q_list, seg_bin, seg_start, seg_end,
-        T, G, BM // G, HQ, H, n_blocks, n, scale * _LOG2E, scale, DQ=dq_mode, SBLK=select_block,
-        BS=BS, D=D, BM=BM, NS=triton.next_power_of_2(n), num_warps=_num_warps(BM, D),
-        num_stages=2)
-    if dq_mode == 2:
+        q, k, v, idx, do, lse, delta, dq_part, dk, dv, q_list, seg_bin, seg_start, seg_end,
+        T, G, BM // G, HQ, H, n_blocks, n, scale * _LOG2E, scale, DQ_PIECES=dq_pieces,
+        SBLK=select_block, BS=BS, D=D, BM=BM, NS=triton.next_power_of_2(n),
+        num_warps=_num_warps(BM, D), num_stages=2)
+    if dq_pieces:
         BR = 256 if _INTERPRET else 32
         _slc_dq_merge_kernel[(triton.cdiv(dq.numel() // D, BR),)](
             dq_part, dq, T, HQ, n, dq.numel() // D, ACCUM=accum, SBLK=select_block, D=D, BR=BR,
