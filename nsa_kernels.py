@@ -541,8 +541,7 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
 # Top-n selection keeps a running top-n per position in registers. A candidate is one int64
 # key: the fp32 score's bits (non-negative, so they order like the score; +inf for the forced
 # blocks) above the block index, so ties go to the larger block; ineligible blocks are -2^62.
-# Tiles with few positions merge each chunk's candidates by bitonic networks (a fixed cost per
-# chunk); tiles with many positions by insertion rounds (a cost per block that enters).
+# Each chunk's candidates are merged into it by bitonic networks.
 
 @triton.jit
 def _slot_bit(N_DIMS: tl.constexpr, i: tl.constexpr):
@@ -585,32 +584,20 @@ def _bitonic_merge_desc(b_x, LOG_ROWS: tl.constexpr, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _merge_top(b_top, b_key, ROUNDS: tl.constexpr, BT: tl.constexpr, K: tl.constexpr,
-               NS: tl.constexpr, LOG_BT: tl.constexpr, LOG_K: tl.constexpr,
-               LOG_NS: tl.constexpr):
-    """The top NS of the running top b_top [BT, NS] and a chunk's keys b_key [BT, K >= NS].
-    Most chunks far from the diagonal bring nothing above a row's NS-th best: then nothing runs.
-    ROUNDS: b_top is unsorted; each round moves every row's best remaining key into the slot of
-    its smallest, as long as some row of the tile gains. Otherwise b_top is sorted descending
-    and merged with the sorted keys by bitonic networks."""
+def _merge_top(b_top, b_key, BT: tl.constexpr, K: tl.constexpr, NS: tl.constexpr,
+               LOG_BT: tl.constexpr, LOG_K: tl.constexpr, LOG_NS: tl.constexpr):
+    """The top NS of the running top b_top [BT, NS] (sorted descending) and a chunk's keys
+    b_key [BT, K >= NS], by bitonic networks. Most chunks far from the diagonal bring nothing
+    above a row's NS-th best: then nothing runs."""
     b_min = tl.min(b_top, 1)                                                  # [BT]
-    if ROUNDS:
-        n_round = tl.max(tl.sum((b_key > b_min[:, None]).to(tl.int32), 1))
-        for _ in range(n_round):
-            b_best = tl.max(b_key, 1)                                         # [BT]
-            b_min = tl.min(b_top, 1)
-            m_in = (b_best > b_min)[:, None]
-            b_top = tl.where(m_in & (b_top == b_min[:, None]), b_best[:, None], b_top)
-            b_key = tl.where(b_key == b_best[:, None], -(1 << 62), b_key)
-    else:
-        if tl.max((tl.max(b_key, 1) > b_min).to(tl.int32), 0) > 0:
-            b_cand = _bitonic_sort(b_key, LOG_BT, LOG_K, 0)                   # ascending
-            # the largest NS of an ascending row are its last NS slots, and the elementwise
-            # maximum over the [K / NS, NS] split picks exactly those
-            b_cand = tl.max(tl.reshape(b_cand, [BT, K // NS, NS]), 1)         # [BT, NS]
-            # descending top vs ascending candidates: the elementwise maximum is the top NS
-            # of the union, as a bitonic sequence (the first layer of Batcher's merge)
-            b_top = _bitonic_merge_desc(tl.maximum(b_top, b_cand), LOG_BT, LOG_NS)
+    if tl.max((tl.max(b_key, 1) > b_min).to(tl.int32), 0) > 0:
+        b_cand = _bitonic_sort(b_key, LOG_BT, LOG_K, 0)                       # ascending
+        # the largest NS of an ascending row are its last NS slots, and the elementwise
+        # maximum over the [K / NS, NS] split picks exactly those
+        b_cand = tl.max(tl.reshape(b_cand, [BT, K // NS, NS]), 1)             # [BT, NS]
+        # descending top vs ascending candidates: the elementwise maximum is the top NS of the
+        # union, as a bitonic sequence (the first layer of Batcher's merge)
+        b_top = _bitonic_merge_desc(tl.maximum(b_top, b_cand), LOG_BT, LOG_NS)
     return b_top
 
 
@@ -658,7 +645,7 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
                    CBLK: tl.constexpr, CSTRIDE: tl.constexpr, SBLK: tl.constexpr,
                    BJ: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr,
                    BC: tl.constexpr, K: tl.constexpr, NS: tl.constexpr, LOG_BT: tl.constexpr,
-                   LOG_K: tl.constexpr, LOG_NS: tl.constexpr, ROUNDS: tl.constexpr):
+                   LOG_K: tl.constexpr, LOG_NS: tl.constexpr):
     """Top-n selection blocks of BT positions of one KV head: the tile's BM = BT*BG rows are
     the G heads of each position (row r: position r // BG, head r % BG; heads padded to
     BG = next_pow2(G)), so each chunk of compressed keys is one tensor-core product for all of
@@ -701,26 +688,17 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
     room = t_lo - CBLK + 1 - (BC - 1 - M1) * CSTRIDE        # full iff i_c*BJ*l' <= room
     full_hi = tl.maximum(tl.maximum(room + BJ * SBLK, 0) // (BJ * SBLK), FULL_LO)
     o_s = tl.arange(0, NS)
-    if ROUNDS:
-        # empty slots i < n hold -1 - i (distinct, so a row's minimum is one slot), slots >= n
-        # the largest key (never the minimum)
-        b_top = tl.where(o_s[None, :] < NSEL, -1 - o_s[None, :].to(tl.int64), (1 << 63) - 1)
-        b_top = b_top + tl.zeros([BT, NS], tl.int64)
-    else:
-        b_top = tl.full([BT, NS], -(1 << 62), tl.int64)                      # sorted, desc
+    # sorted descending: the forced blocks (score +inf) lead, empty slots (-2^62) come last
+    b_top = tl.full([BT, NS], -(1 << 62), tl.int64)
     for i_c in range(FULL_LO, full_hi):
         b_key = _chunk_keys(k_cmp, b_q, b_lse, b_w, t_row, o_tt, i_c * BJ, i_b, i_h, TC, H,
                             scale_log2, False, CBLK, CSTRIDE, SBLK, BJ, D, BT, BG, BC, K)
-        b_top = _merge_top(b_top, b_key, ROUNDS, BT, K, NS, LOG_BT, LOG_K, LOG_NS)
+        b_top = _merge_top(b_top, b_key, BT, K, NS, LOG_BT, LOG_K, LOG_NS)
     for i_m in range(0, FULL_LO + n_chunk - full_hi):
         i_c = tl.where(i_m < FULL_LO, i_m, i_m - FULL_LO + full_hi)
         b_key = _chunk_keys(k_cmp, b_q, b_lse, b_w, t_row, o_tt, i_c * BJ, i_b, i_h, TC, H,
                             scale_log2, True, CBLK, CSTRIDE, SBLK, BJ, D, BT, BG, BC, K)
-        b_top = _merge_top(b_top, b_key, ROUNDS, BT, K, NS, LOG_BT, LOG_K, LOG_NS)
-    if ROUNDS:
-        # largest first (the forced blocks, score +inf, lead), empty slots last
-        b_top = _bitonic_sort(tl.where(o_s[None, :] < NSEL, b_top, -(1 << 62)), LOG_BT,
-                              LOG_NS, 1)
+        b_top = _merge_top(b_top, b_key, BT, K, NS, LOG_BT, LOG_K, LOG_NS)
     b_idx = tl.where(b_top >= 0, b_top.to(tl.int32), -1)            # low 32 bits: the block
     p_idx = ((i_b * T + o_tt).to(tl.int64) * H + i_h) * NSEL
     tl.store(idx + p_idx[:, None] + o_s[None, :], b_idx,
@@ -1195,18 +1173,17 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
 
 
 def _select_tiles(G, D, elem_size, block_len, block_stride, select_block, n_select):
-    """Tiles of _select_kernel: (BT, BG, BC, BJ, K, NS, rounds) = positions and padded heads per
-    tile, compressed and selection blocks per chunk, candidate slots per chunk, top-n slots, and
-    the merge (insertion rounds, else bitonic networks)."""
+    """Tiles of _select_kernel: (BT, BG, BC, BJ, K, NS) = positions and padded heads per tile,
+    compressed and selection blocks per chunk, candidate slots per chunk, top-n slots."""
     # H200, T=64k, bf16, D=128, paper hyperparameters (2026-11-29): at G=16, 128 rows (8
-    # positions), 4 warps, 64 compressed blocks per chunk and the bitonic merge took 10.66 ms,
-    # the previous kernel (64 rows, insertion rounds) 17.2 ms; 256 rows and 8 warps: 11.4 ms,
-    # and with 128 blocks per chunk: 15.3 ms. The bitonic merge costs the same per position
-    # whatever enters; insertion rounds cost per tile what its busiest position needs, cheap
-    # over many positions. So groups of G < 8 (32 to 64 positions per tile) keep the previous
-    # kernel's rounds, expected near its speed (3.0 ms at G=1, where 256 positions merged
-    # bitonic took 8.7 ms), not measured. A tile's q block stays near 64 KB. The interpreter
-    # pays per operation, not per element: 1024 rows, up to 256 positions.
+    # positions), 4 warps and 64 compressed blocks per chunk took 10.66 ms; 256 rows and 8
+    # warps: 11.4 ms, and with 128 blocks per chunk: 15.3 ms. The bitonic merge costs the same
+    # per position whatever enters, so tiles keep at most 64 positions: at G=1, 32 / 64 / 128 /
+    # 256 positions took 3.07 / 2.69 / 8.51 / 10.5 ms (insertion rounds, the merge this kernel
+    # had for G < 8 before: 3.32 / 2.92 / 4.56 / 8.78); at G=4, 16 / 32 / 64 positions 4.27 /
+    # 4.15 / 6.41 ms (rounds: 6.06 / 4.27 / 5.11; benchmarks/select_tiles_h200_2026-11-29.jsonl).
+    # A tile's q block stays near 64 KB. The interpreter pays per operation, not per element:
+    # 1024 rows, up to 256 positions.
     BG = triton.next_power_of_2(G)
     rows = min(1024 if _INTERPRET else 128, max(16, 65536 // (D * elem_size)))
     BT = max(1, min(rows // BG, 256 if _INTERPRET else 64))
@@ -1215,22 +1192,22 @@ def _select_tiles(G, D, elem_size, block_len, block_stride, select_block, n_sele
     BJ = (BC - M1) // R
     NS = triton.next_power_of_2(n_select)
     K = max(16, triton.next_power_of_2(BJ), NS)
-    return BT, BG, BC, BJ, K, NS, BG < 8
+    return BT, BG, BC, BJ, K, NS
 
 
 def _select(q, k_cmp, lse, block_len, block_stride, select_block, n_select, scale):
     B, T, HQ, D = q.shape
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     G = HQ // H
-    BT, BG, BC, BJ, K, NS, rounds = _select_tiles(G, D, q.element_size(), block_len,
-                                                  block_stride, select_block, n_select)
+    BT, BG, BC, BJ, K, NS = _select_tiles(G, D, q.element_size(), block_len, block_stride,
+                                          select_block, n_select)
     idx = _alloc((B, T, H, n_select), torch.int32, q.device, fill=-2)
     kc = k_cmp if Tc > 0 else q.new_zeros(1)   # nothing is loaded when Tc == 0
     _select_kernel[(triton.cdiv(T, BT), B * H)](
         q, kc, lse, idx, T, Tc, G, HQ, H, scale * _LOG2E, n_select,
         CBLK=block_len, CSTRIDE=block_stride, SBLK=select_block, BJ=BJ, D=D, BT=BT, BG=BG,
         BC=BC, K=K, NS=NS, LOG_BT=BT.bit_length() - 1, LOG_K=K.bit_length() - 1,
-        LOG_NS=NS.bit_length() - 1, ROUNDS=rounds, num_warps=4, num_stages=2)
+        LOG_NS=NS.bit_length() - 1, num_warps=4, num_stages=2)
     return idx
 
 

@@ -370,8 +370,8 @@ def reference_scores(q, k_cmp, cfg):
     pytest.param(1, 700, 32, 1, 32, SMALL, id="T700-G32-small"),
 ])
 def test_kernels_selection_matches_reference_scores(B, T, HQ, H, D, cfg, kernel_seed):
-    """nsa_select against the reference scores; G < 8 takes the kernel's insertion-round merge,
-    G >= 8 its bitonic one; the small T=1100 cases reach unmasked chunks (a whole tile sees)."""
+    """nsa_select against the reference scores, for G = 1 to 32 (so tiles of many to few
+    positions); the small T=1100 cases reach unmasked chunks (a whole tile sees)."""
     q, _, _, k_cmp = kernel_inputs(B, T, HQ, H, D, cfg)[:4]
     with torch.no_grad():
         _, lse = nk.compressed_attention(q, k_cmp, k_cmp, block_len=cfg["block_len"],
