@@ -433,6 +433,77 @@ def test_ddp_bad_val_loss_stops_every_rank(work):
     assert ckpt["iter_num"] < int(stops[0])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
+DDP_OVERLAP_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, sys.argv[1])
+from model import GPT, GPTConfig
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=80, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                      block_len=16, block_stride=8, select_block=16, n_select=3, window=32))
+events = []
+ddp = DDP(model, bucket_cap_mb=0.001)  # a bucket per parameter: each is reduced when ready
+
+
+def hook(state, bucket):
+    events.append("all-reduce")
+    return allreduce_hook(state, bucket)
+
+
+ddp.register_comm_hook(None, hook)
+model.transformer.h[0].attn.register_full_backward_pre_hook(
+    lambda module, grad: events.append("layer 0 attention backward"))
+x = torch.randint(0, 64, (2, 80), generator=torch.Generator().manual_seed(rank))
+# DDP reduces everything as one bucket in the first step and then splits its buckets in the
+# order the gradients became ready: the second step is what every later step does
+ddp(x, x)[1].backward()
+model.zero_grad()
+events.clear()
+loss = ddp(x, x)[1]
+nodes, seen = [loss.grad_fn], set()
+while nodes:  # the graph holds NSA's own autograd Function, not the PyTorch reference
+    node = nodes.pop()
+    if node is not None and node not in seen:
+        seen.add(node)
+        nodes += [n for n, _ in node.next_functions]
+assert any(type(n).__name__ == "_NSAFunctionBackward" for n in seen), "no NSA kernel"
+loss.backward()
+first = events.index("layer 0 attention backward")
+grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+others = [torch.empty_like(grads) for _ in range(2)]
+dist.all_gather(others, grads)
+print(f"rank {rank}: {events[:first].count('all-reduce')} of {events.count('all-reduce')} "
+      f"all-reduces before layer 0's attention backward; grads equal: "
+      f"{torch.equal(others[0], others[1])}")
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_reduces_during_nsa_backward(tmp_path):
+    """DDP overlaps its gradient all-reduce with NSA's backward (issue 13): in a step after the
+    first, buckets of the later layers are handed to the all-reduce before the first layer's
+    attention (the Triton kernels' autograd Function, under the interpreter) runs its backward,
+    and every rank ends with the same gradients. Two CPU processes under torchrun (gloo)."""
+    script = tmp_path / "ddp_overlap.py"
+    script.write_text(DDP_OVERLAP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), ROOT]
+    p = subprocess.run(cmd, cwd=tmp_path, env=script_env(TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    reports = re.findall(r"rank \d: (\d+) of (\d+) all-reduces before layer 0's attention "
+                         r"backward; grads equal: (\w+)", p.stdout)
+    assert len(reports) == 2, p.stdout
+    for before, total, equal in reports:
+        assert 0 < int(before) < int(total) and equal == "True", p.stdout
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(work):
     out = work["dir"] / "nan"
     p = run("train.py", *train_args(work, out, "--attention=full", "--max_iters=6",
