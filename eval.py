@@ -34,7 +34,10 @@ passkey: documents of L tokens, the answer included, built by common.passkey_sam
     each layer's input (caught by a forward pre-hook) with the PyTorch reference, which may
     differ from the kernel's choice at near-ties. Block 0 and the two local blocks always count
     as selected, so needles in them are recalled by construction; the window branch (w tokens)
-    sees a needle close to the question whatever the selection.
+    sees a needle close to the question whatever the selection. Where recall fails, the
+    needle's rank says by how much: the place of the best key block in the order the selection
+    takes (forced blocks first, then by score; selected iff rank <= n), the best over layers and
+    KV heads, median over a cell's documents (per layer in the JSON).
 Output: markdown tables on stdout; --json writes every number with the run provenance;
 --plot a figure (needs matplotlib).
 """
@@ -318,11 +321,11 @@ def activations(model, attention_inputs):
 @torch.no_grad()
 def score_passkey(model, docs, batch_size, device, autocast):
     """docs: rows of make_passkey_docs, all of one length. Returns (correct: bool [N],
-    first: the greedy first answer token [N], hits: bool [N, n_layer, H] selection hits for
-    NSA, else None)."""
+    first: the greedy first answer token [N], hits: bool [N, n_layer, H] selection hits and
+    ranks: int [N, n_layer, H] the needle's rank (needle_selection) for NSA, else None, None)."""
     cfg = model.config
     nsa = cfg.attention == "nsa"
-    correct, first, hits = [], [], []
+    correct, first, hits, ranks = [], [], [], []
     for i in range(0, len(docs), batch_size):
         chunk = docs[i:i + batch_size]
         idx = torch.tensor([d[2] for d in chunk], device=device)                  # [b, L]
@@ -337,10 +340,14 @@ def score_passkey(model, docs, batch_size, device, autocast):
             model(idx)
             pred = model.lm_head(acts["final"][rows, pos]).argmax(-1)            # [b, K]
             if nsa:
-                hits.append(selection_hits(model, acts["attn"], chunk, answer_start - 1))
+                hit, rank = needle_selection(model, acts["attn"], chunk, answer_start - 1)
+                hits.append(hit)
+                ranks.append(rank)
         correct.append(((pred == idx[rows, pos + 1]) | ~valid).all(-1).cpu())
         first.append(pred[:, 0].cpu())
-    return torch.cat(correct), torch.cat(first), torch.cat(hits) if nsa else None
+    if not nsa:
+        return torch.cat(correct), torch.cat(first), None, None
+    return torch.cat(correct), torch.cat(first), torch.cat(hits), torch.cat(ranks)
 
 
 def first_token_right(first, docs):
@@ -348,22 +355,29 @@ def first_token_right(first, docs):
     return first == torch.tensor([d[2][d[4]] for d in docs])
 
 
-def selection_hits(model, inputs, chunk, question_end):
-    """bool [b, n_layer, H]: does KV head h of layer l select, for the query at question_end
-    (the question's last token), a block holding one of the row's key tokens?"""
+def needle_selection(model, inputs, chunk, question_end):
+    """(hits: bool [b, n_layer, H], ranks: int [b, n_layer, H]): does KV head h of layer l
+    select, for the query at question_end (the question's last token), a block holding one of
+    the row's key tokens; and the best such block's rank in the selection's order (forced blocks
+    first, then by score; 1 = first)."""
     cfg = model.config
-    b = len(chunk)
-    out = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.bool)
+    b, ls = len(chunk), cfg.select_block
+    hits = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.bool)
+    ranks = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.long)
     for t in question_end.unique().tolist():
         sel_rows = (question_end == t).nonzero().flatten()
-        n_blocks = t // cfg.select_block + 1
-        key_blocks = torch.zeros(len(sel_rows), n_blocks, dtype=torch.bool)
+        j = torch.arange(t // ls + 1)
+        forced = (j == 0) | (j == t // ls) | (j == t // ls - 1)
+        key_blocks = torch.zeros(len(sel_rows), len(j), dtype=torch.bool)
         for r, row in enumerate(sel_rows.tolist()):
-            key_blocks[r, [p // cfg.select_block for p in chunk[row][3]]] = True
+            key_blocks[r, [p // ls for p in chunk[row][3]]] = True
         for layer, x in inputs.items():
-            selected = model.transformer.h[layer].attn.selection(x[sel_rows], t).cpu()
-            out[sel_rows.cpu(), layer] = (selected & key_blocks[:, None, :]).any(-1)
-    return out
+            selected, score = model.transformer.h[layer].attn.selection(x[sel_rows], t)
+            order = score.float().cpu().masked_fill(forced, float("inf"))        # [r, H, NB]
+            best = order.masked_fill(~key_blocks[:, None, :], float("-inf")).amax(-1)
+            hits[sel_rows.cpu(), layer] = (selected.cpu() & key_blocks[:, None, :]).any(-1)
+            ranks[sel_rows.cpu(), layer] = 1 + (order > best[..., None]).sum(-1)
+    return hits, ranks
 
 
 def decode(enc, ids):
@@ -372,18 +386,22 @@ def decode(enc, ids):
 
 
 def passkey_tables(result, lengths, depths, block_size):
-    """Markdown tables of a run's accuracy (and NSA recall), depth x length."""
+    """Markdown tables of a run's accuracy (and NSA recall and needle rank), depth x length."""
     heads = [fmt_tokens(n) + ("*" if n > block_size else "") for n in lengths]
     out = []
-    for key, title in [("accuracy", "exact match, %"),
-                       ("first_token", "first answer token right (greedy), %"),
-                       ("recall", "NSA selection recall, %")]:
+    for key, title, scale in [
+            ("accuracy", "exact match, %", 100), ("first_token",
+                                                  "first answer token right (greedy), %", 100),
+            ("recall", "NSA selection recall, %", 100),
+            ("needle_rank", f"NSA needle rank (median; selected iff <= n = "
+                            f"{result.get('n_select')}), best layer and KV head", 1)]:
         if result.get(key) is None:
             continue
         grid = result[key]                                                # [length][depth]
-        lines = [[f"{depth:g}%"] + [f"{100 * grid[li][d]:.0f}" for li in range(len(lengths))]
+        lines = [[f"{depth:g}%"] + [f"{scale * grid[li][d]:.0f}" for li in range(len(lengths))]
                  for d, depth in enumerate(depths)]
-        lines.append(["mean"] + [f"{100 * sum(col) / len(col):.0f}" for col in grid])
+        if scale == 100:
+            lines.append(["mean"] + [f"{100 * sum(col) / len(col):.0f}" for col in grid])
         out.append(f"{title}:\n" + markdown_table(["depth \\ length"] + heads, lines))
     return "\n".join(out)
 
@@ -442,10 +460,11 @@ def cmd_passkey(args):
         t0 = time.time()
         model = build_model(info, ckpt, dev, max(lengths))
         nsa = info["attention"] == "nsa"
-        acc, first_acc, recall, recall_layer, examples = [], [], [], [], []
+        acc, first_acc, recall, recall_layer, rank, rank_layer, examples = ([] for _ in range(7))
         for length in lengths:
             rows = docs[length]
-            correct, first, hits = score_passkey(model, rows, args.batch_size, dev, autocast)
+            correct, first, hits, ranks = score_passkey(model, rows, args.batch_size, dev,
+                                                        autocast)
             by_depth = [[i for i, r in enumerate(rows) if r[0] == d] for d in range(len(depths))]
             acc.append([float(correct[ix].float().mean()) for ix in by_depth])
             first_ok = first_token_right(first, rows)
@@ -453,6 +472,9 @@ def cmd_passkey(args):
             if nsa:
                 recall.append([float(hits[ix].float().mean()) for ix in by_depth])
                 recall_layer.append([round(v, 4) for v in hits.float().mean(dim=(0, 2)).tolist()])
+                best = ranks.flatten(1).amin(1)                                   # [N]
+                rank.append([float(best[ix].median()) for ix in by_depth])
+                rank_layer.append(ranks.amin(2).median(0).values.tolist())
             wrong = [next((i for i in ix if not correct[i]), None) for ix in by_depth]
             examples.append([{"depth": depths[rows[i][0]], "expected": decode(enc, rows[i][2][
                 rows[i][4]:]), "greedy_first_token": decode(enc, [int(first[i])])}
@@ -463,6 +485,9 @@ def cmd_passkey(args):
         results.append({**info, "lengths": lengths, "depths": depths, "accuracy": acc,
                         "first_token": first_acc, "recall": recall if nsa else None,
                         "recall_by_layer": recall_layer if nsa else None,
+                        "needle_rank": rank if nsa else None,
+                        "needle_rank_by_layer": rank_layer if nsa else None,
+                        "n_select": info["model_args"].get("n_select"),
                         "wrong_examples": examples, "seconds": time.time() - t0})
         del model
     for i, r in enumerate(results):

@@ -368,17 +368,18 @@ class Attention(nn.Module):
     @torch.no_grad()
     def selection(self, x, t):
         """The selection blocks the query at position t picks (NSA only): x [B, T, C] is this
-        layer's input for positions 0 .. T-1 (T > t) -> bool [B, H, ceil((t + 1) / l')]."""
+        layer's input for positions 0 .. T-1 (T > t) -> (selected: bool [B, H, NB], the blocks'
+        scores [B, H, NB]), NB = ceil((t + 1) / l')."""
         cfg = self.config
         B, H = x.shape[0], cfg.n_kv_head
         q, _, _, k_raw, v_raw, _ = self.project(x[:, :t + 1], torch.arange(t + 1, device=x.device))
         k_cmp, _ = self.compress(k_raw, v_raw)
         p_cmp = nk.compressed_probs_ref(q[:, t:], k_cmp, cfg.block_len, cfg.block_stride,
                                         cfg.head_dim ** -0.5, q_start=t)     # [B, HQ, 1, Tc]
-        selected, _ = nk.select_blocks_ref(p_cmp.view(B, H, -1, 1, p_cmp.shape[-1]), t + 1,
-                                           cfg.block_len, cfg.block_stride, cfg.select_block,
-                                           cfg.n_select, q_start=t)
-        return selected[:, :, 0]
+        selected, score = nk.select_blocks_ref(p_cmp.view(B, H, -1, 1, p_cmp.shape[-1]), t + 1,
+                                               cfg.block_len, cfg.block_stride, cfg.select_block,
+                                               cfg.n_select, q_start=t)
+        return selected[:, :, 0], score[:, :, 0]
 
 
 class MLP(nn.Module):

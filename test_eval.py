@@ -169,15 +169,15 @@ def test_scorer_finds_the_key_a_copying_model_retrieves():
 
     for length, rows in docs.items():
         assert all(len(r[2]) == length for r in rows)
-        correct, first, _ = ev.score_passkey(StubModel(induction), rows, 4, "cpu", nullcontext())
+        correct, first, *_ = ev.score_passkey(StubModel(induction), rows, 4, "cpu", nullcontext())
         assert correct.all() and len(correct) == len(rows)
         assert first.tolist() == [r[2][r[4]] for r in rows]
-        correct, first, _ = ev.score_passkey(StubModel(first_token_only), rows, 5, "cpu",
+        correct, first, *_ = ev.score_passkey(StubModel(first_token_only), rows, 5, "cpu",
                                              nullcontext())
         assert not correct.any()                          # two answer tokens: both must match
         assert first.tolist() == [r[2][r[4]] for r in rows]
         assert ev.first_token_right(first, rows).all()
-        correct, first, _ = ev.score_passkey(StubModel(lambda seq, t: 0), rows, 2, "cpu",
+        correct, first, *_ = ev.score_passkey(StubModel(lambda seq, t: 0), rows, 2, "cpu",
                                              nullcontext())
         assert not correct.any() and not ev.first_token_right(first, rows).any()
 
@@ -203,12 +203,12 @@ def test_exact_match_is_greedy_decoding(attention):
         logits, _ = model(greedy)
         greedy = torch.cat([greedy, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     rows = [(0, b, greedy[b].tolist(), [], 45) for b in range(3)]
-    correct, first, _ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    correct, first, *_ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
     assert correct.all() and first.tolist() == greedy[:, 45].tolist()
     wrong_last = greedy.clone()
     wrong_last[:, -1] = (wrong_last[:, -1] + 1) % 900
     rows = [(0, b, wrong_last[b].tolist(), [], 45) for b in range(3)]
-    correct, _, _ = ev.score_passkey(model, rows, 3, "cpu", nullcontext())
+    correct, *_ = ev.score_passkey(model, rows, 3, "cpu", nullcontext())
     assert not correct.any()
 
 
@@ -231,17 +231,22 @@ def test_selection_recall_forced(n_select, depth, expected):
         if n_select == 3:
             assert (key_blocks <= forced) == (expected == 1.0)
             assert (not key_blocks & forced) == (expected == 0.0)
-    _, _, hits = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
-    assert hits.shape == (2, TINY["n_layer"], TINY["n_kv_head"])
+    _, _, hits, ranks = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    assert hits.shape == ranks.shape == (2, TINY["n_layer"], TINY["n_kv_head"])
     assert hits.float().mean().item() == expected
+    if depth in (0, 100):  # a forced block: among the first three of the selection's order
+        assert (ranks <= 3).all()
 
 
 def test_selection_hits_read_the_key_block():
-    """Against Attention.selection directly: a hit is the selection at the key's block."""
+    """Against Attention.selection directly: a hit is the selection at the key's block, and the
+    needle's rank is within n exactly when it is a hit (random scores: no ties)."""
     codec = WordCodec()
     model = tiny_gpt("nsa", n_select=5, seed=3)
     rows = passkey_docs(codec, lengths=(128,), depths=(30, 60), samples=2, seed=4)[128]
-    _, _, hits = ev.score_passkey(model, rows, 4, "cpu", nullcontext())
+    _, _, hits, ranks = ev.score_passkey(model, rows, 4, "cpu", nullcontext())
+    assert torch.equal(hits, ranks <= 5)
+    assert hits.any() and not hits.all()  # both cases occur
     idx = torch.tensor([r[2] for r in rows])
     with ev.activations(model, True) as acts:
         model(idx)
@@ -249,7 +254,7 @@ def test_selection_hits_read_the_key_block():
         t = r[4] - 1
         blocks = sorted({p // TINY["select_block"] for p in r[3]})
         for layer in range(TINY["n_layer"]):
-            sel = model.transformer.h[layer].attn.selection(acts["attn"][layer][i:i + 1], t)
+            sel, _ = model.transformer.h[layer].attn.selection(acts["attn"][layer][i:i + 1], t)
             assert hits[i, layer].tolist() == sel[0][:, blocks].any(-1).tolist()
 
 
@@ -460,7 +465,10 @@ def test_cli_passkey(runs):
         assert all(f >= a for fs, accs in zip(run["first_token"], run["accuracy"])
                    for f, a in zip(fs, accs))
     assert nsa["recall"][0][0] == 1.0                   # depth 0: block 0, always selected
-    assert full["recall"] is None
+    assert nsa["needle_rank"][0][0] == 1.0              # ... and first in the selection's order
+    assert len(nsa["needle_rank_by_layer"][0]) == nsa["model_args"]["n_layer"]
+    assert "NSA needle rank (median; selected iff <= n = " in p.stdout
+    assert full["recall"] is None and full["needle_rank"] is None
 
 
 @pytest.mark.parametrize("args, message", [
