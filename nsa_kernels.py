@@ -976,12 +976,10 @@ def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, l
 #
 # The tile sizes are the fastest of a sweep on an H200 at T=64k (2026-11-28): 64 rows
 # (positions x heads) and 64 keys (32 for D > 128) per tile of the dense kernels, 64 rows per
-# chunk of the selected dk/dv, 2 warps (16 rows each) for the selected forward and dq, and 2
-# pipelining stages everywhere.
+# chunk of the selected dk/dv, 2 warps (16 rows each) for the per-position selected forward and
+# dq, and 2 pipelining stages everywhere.
 
 POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: unwritten shows up
-# dk/dv of the compressed keys: split each key tile's query range into slices of 256 to this
-# many positions (atomic adds join them), enough for about _CMP_SPLIT_PROGRAMS programs;
 # The selected forward runs in key-block order (each selected block loaded once per BQ
 # positions that chose it, then a merge of the n pieces per query row) below this group size,
 # and per position (the G heads of one position as the rows, n block loads per position) from
@@ -999,10 +997,12 @@ SLC_BLOCK_ORDER_BELOW_G = 16
 # G=8 41.0 / 97.9 / 37.8; at G=16 the per-position order throughout takes 54.1 ms, pieces
 # after the key-block forward 66.6 (benchmarks/selected_order_h200_2026-11-29b.jsonl).
 SLC_DQ_PIECES_BELOW_G = 16
-# selected dk/dv (and the selected forward in key-block order): at most _SLC_SEGMENT queries
-# per program
+# dk/dv of the compressed keys: split each key tile's query range into slices of 256 to this
+# many positions (atomic adds join them), enough for about _CMP_SPLIT_PROGRAMS programs
 _CMP_SPLIT_POSITIONS = 4096
 _CMP_SPLIT_PROGRAMS = 4096
+# the selected branch in key-block order (forward, dk/dv, dq pieces): at most _SLC_SEGMENT
+# queries per program
 _SLC_SEGMENT = 256
 
 
