@@ -1083,9 +1083,9 @@ def _slc_tiles(G, select_block):
     return max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(select_block))
 
 
-def _slc_fwd(q, k, v, idx, select_block, scale):
-    """Selected attention: o, lse, and the inverted selection it built (empty from G = 16) for
-    _slc_bwd to reuse."""
+def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
+    """Selected attention: o, lse, and the inverted selection it built or was given (inv;
+    empty from G = 16) for _slc_bwd to reuse."""
     B, T, HQ, D = q.shape
     H, n = k.shape[2], idx.shape[-1]
     G = HQ // H
@@ -1099,7 +1099,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale):
         return o, lse, ()
     # small G: key-block order, then a merge (the pieces: n outputs per query row)
     n_blocks = triton.cdiv(T, select_block)
-    inv = _invert_selection(idx, n_blocks, _SLC_SEGMENT)
+    inv = inv or _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     q_list, seg_bin, seg_start, seg_end = inv
     o_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     lse_part = _alloc((B, T, HQ, n), torch.float32, q.device)
@@ -1254,7 +1254,8 @@ def _warn_once(message):
 # [B, T, HQ, D] tensor per layer beyond what full attention holds. H200, the 32k config's
 # model (8 layers), one training step at T=32k (2026-11-29): holding all three, 158 ms and a
 # 31.9 GiB peak; recomputing the window branch, 161 ms and 31.4 GiB (the default); the window
-# and compressed branches, 166 ms and 30.9 GiB. Results are identical (tested).
+# and compressed branches, 166 ms and 30.9 GiB; all three: not measured yet. Results are
+# identical (tested).
 RECOMPUTE = ("window",)
 
 
@@ -1278,6 +1279,8 @@ class _NSAFunction(torch.autograd.Function):
             o_cmp = lse_cmp = None
         if "window" in RECOMPUTE:
             o_win = lse_win = None
+        if "selected" in RECOMPUTE:
+            o_slc = lse_slc = None
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
                               lse_cmp, lse_slc, lse_win, idx, *inv)
         ctx.cfg = (block_len, block_stride, select_block, window, scale)
@@ -1293,6 +1296,8 @@ class _NSAFunction(torch.autograd.Function):
                                         scale)
         if o_win is None:
             o_win, lse_win = _dense_fwd(q, k, v, 1, 0, window, scale)
+        if o_slc is None:
+            o_slc, lse_slc, _ = _slc_fwd(q, k, v, idx, select_block, scale, inv)
         do = do.contiguous()
         dg, (lg_cmp, lg_slc, lg_win) = _combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win,
                                                    lse_cmp, lse_slc, lse_win)

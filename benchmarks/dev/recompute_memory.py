@@ -20,7 +20,8 @@ peak = common.peak_bf16_flops(torch.cuda.get_device_name())
 out = []
 for T in (8192, 32768, 65536):
     for attention, recompute in [("full", None), ("nsa", ()), ("nsa", ("window",)),
-                                 ("nsa", ("compressed", "window"))]:
+                                 ("nsa", ("compressed", "window")),
+                                 ("nsa", ("compressed", "selected", "window"))]:
         if recompute is not None:
             nk.RECOMPUTE = recompute
         row = bench.train_speed(fields, attention, T, 3, peak)
