@@ -433,9 +433,14 @@ def masked_attention_ref(q, k, v, mask, scale):
 
 
 @needs_kernels
-@pytest.mark.parametrize("branch", ["compressed", "selected", "window"])
-def test_kernels_branch_functions(branch, kernel_seed):
-    B, T, HQ, H, D, cfg = 2, 150, 4, 2, 32, SMALL
+@pytest.mark.parametrize("branch, T, HQ, H, window", [
+    ("compressed", 150, 4, 2, 64), ("selected", 150, 4, 2, 64), ("window", 150, 4, 2, 64),
+    # bands longer than the tiles (16 positions at G = 16 under the interpreter, 64 keys): tiles
+    # that every row sees whole, between the band's edges on both sides of the window
+    ("compressed", 1100, 16, 1, 64), ("window", 700, 16, 1, 300),
+], ids=["compressed", "selected", "window", "compressed-T1100-G16", "window-w300-G16"])
+def test_kernels_branch_functions(branch, T, HQ, H, window, kernel_seed):
+    B, D, cfg = 2, 32, dict(SMALL, window=window)
     q, k, v, kc, vc = kernel_inputs(B, T, HQ, H, D, cfg)[:5]
     l, d, ls = cfg["block_len"], cfg["block_stride"], cfg["select_block"]
     t = torch.arange(T, device=q.device)[:, None]
