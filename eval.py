@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import nsa_kernels as nk
 from common import EOT, UserError, fmt_tokens, markdown_table, pyplot
 
 DEFAULT_DEPTHS = "0,25,50,75,100"
@@ -366,14 +367,12 @@ def needle_selection(model, inputs, chunk, question_end):
     ranks = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.long)
     for t in question_end.unique().tolist():
         sel_rows = (question_end == t).nonzero().flatten()
-        j = torch.arange(t // ls + 1)
-        forced = (j == 0) | (j == t // ls) | (j == t // ls - 1)
-        key_blocks = torch.zeros(len(sel_rows), len(j), dtype=torch.bool)
+        key_blocks = torch.zeros(len(sel_rows), t // ls + 1, dtype=torch.bool)
         for r, row in enumerate(sel_rows.tolist()):
             key_blocks[r, [p // ls for p in chunk[row][3]]] = True
         for layer, x in inputs.items():
             selected, score = model.transformer.h[layer].attn.selection(x[sel_rows], t)
-            order = score.float().cpu().masked_fill(forced, float("inf"))        # [r, H, NB]
+            order = nk.selection_order(score.float().cpu(), torch.tensor(t), ls)  # [r, H, NB]
             best = order.masked_fill(~key_blocks[:, None, :], float("-inf")).amax(-1)
             hits[sel_rows.cpu(), layer] = (selected.cpu() & key_blocks[:, None, :]).any(-1)
             ranks[sel_rows.cpu(), layer] = 1 + (order > best[..., None]).sum(-1)
@@ -394,7 +393,8 @@ def passkey_tables(result, lengths, depths, block_size):
                                                   "first answer token right (greedy), %", 100),
             ("recall", "NSA selection recall, %", 100),
             ("needle_rank", f"NSA needle rank (median; selected iff <= n = "
-                            f"{result.get('n_select')}), best layer and KV head", 1)]:
+                            f"{result['model_args'].get('n_select')}), best layer and KV head",
+             1)]:
         if result.get(key) is None:
             continue
         grid = result[key]                                                # [length][depth]
@@ -487,7 +487,6 @@ def cmd_passkey(args):
                         "recall_by_layer": recall_layer if nsa else None,
                         "needle_rank": rank if nsa else None,
                         "needle_rank_by_layer": rank_layer if nsa else None,
-                        "n_select": info["model_args"].get("n_select"),
                         "wrong_examples": examples, "seconds": time.time() - t0})
         del model
     for i, r in enumerate(results):

@@ -250,6 +250,16 @@ def compressed_probs_ref(q, k_cmp, block_len, block_stride, scale, q_start=0):
     return torch.nan_to_num(p, nan=0.0)                                     # no visible block: 0
 
 
+def selection_order(score, t, select_block):
+    """The order the top-n takes over block scores [..., NB] of queries at positions t (a tensor
+    that broadcasts against score's last two dims, e.g. [Tq, 1]): the forced blocks (block 0
+    and the two local blocks) at +inf, blocks that start after t at -inf, the rest by score."""
+    j = torch.arange(score.shape[-1], device=score.device)
+    cur = t // select_block
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    return score.masked_fill(forced, float("inf")).masked_fill(j * select_block > t, float("-inf"))
+
+
 def select_blocks_ref(p_cmp, T, block_len, block_stride, select_block, n_select, q_start=0):
     """Selection as in the module docstring. p_cmp: [B, H, G, Tq, Tc] compressed-branch
     probabilities grouped by KV head; T: keys' length; queries at q_start ... q_start + Tq - 1.
@@ -259,13 +269,10 @@ def select_blocks_ref(p_cmp, T, block_len, block_stride, select_block, n_select,
     w = overlap_weights(Tc, n_blocks, block_len, block_stride, select_block, p_cmp.device)
     score = p_cmp.sum(dim=2) @ w.to(p_cmp.dtype)                            # [B, H, Tq, NB]
     t = torch.arange(q_start, q_start + Tq, device=p_cmp.device)[:, None]
-    j = torch.arange(n_blocks, device=p_cmp.device)[None, :]
-    eligible = j * select_block <= t
-    cur = t // select_block
-    forced = (j == 0) | (j == cur) | (j == cur - 1)
-    rank = score.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
-    top = rank.topk(min(n_select, n_blocks), dim=-1).indices
-    selected = torch.zeros_like(eligible.expand_as(score)).scatter(-1, top, True) & eligible
+    order = selection_order(score, t, select_block)
+    top = order.topk(min(n_select, n_blocks), dim=-1).indices
+    eligible = order > float("-inf")
+    selected = torch.zeros_like(eligible).scatter(-1, top, True) & eligible
     return selected, score
 
 
