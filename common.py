@@ -429,7 +429,7 @@ def mix_passkey(x, y, fraction, generator, filler, encode, min_length=64, max_le
     training split; boundaries become blank lines). The loss falls on every token, as on all
     training text, so `fraction` is about the share of training tokens in passkey documents.
     All randomness comes from `generator` (a torch.Generator): the same state gives the same
-    batch, so a run resumed with its sampler's state repeats exactly. Returns new (x, y)."""
+    batch (train.py seeds one per micro-batch, so a resumed run repeats it). Returns new (x, y)."""
     if x.dim() != 2 or x.shape != y.shape or x.dtype != torch.int64 or x.device.type != "cpu":
         raise ValueError(f"x and y must be int64 CPU tensors of one shape [B, T], got "
                          f"{x.dtype} {tuple(x.shape)} on {x.device} and {tuple(y.shape)}")

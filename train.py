@@ -15,7 +15,7 @@ arguments override them, in order, each checked against its default's type. A se
 in braces in out_dir is replaced by its value: out_dir = "out-shakespeare-{attention}".
 
 A run lives in out_dir: ckpt.pt holds everything --init_from=resume needs to continue exactly
-(weights, optimizer, RNG and data-sampler states, the run's settings), written every
+(weights, optimizer, RNG states, the run's settings), written every
 eval_interval steps and at the end to a temporary file that is then renamed; log.jsonl gets one
 JSON record per logged step and evaluation. Nothing is lost by accident:
 - a scratch run refuses an out_dir that holds a checkpoint, unless --overwrite=True;
@@ -263,16 +263,26 @@ def check_data(cfg):
 
 
 # ----------------------------------------------------------------------------- pieces of a run
+def batch_generator(seed, step, index):
+    """The random generator of micro-batch `index` of step `step`, counted over all processes.
+    The training data is a function of (seed, step, index) alone: N processes that split a
+    step's gradient_accumulation_steps draw exactly the windows one process would draw (the
+    same loss curve on 1 or 8 GPUs, issue 13), and a resumed run draws what the uninterrupted
+    run would have."""
+    state = np.random.SeedSequence([seed, step, index]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def get_batch(path, batch_size, block_size, generator, device, mix=None):
     """batch_size random windows of block_size + 1 tokens from a .bin, passed through
-    mix(x, y) on the CPU if given (the passkey mix); the memmap is reopened each call because a
-    long-lived np.memmap keeps growing its resident memory."""
+    mix(x, y, generator) on the CPU if given (the passkey mix); the memmap is reopened each call
+    because a long-lived np.memmap keeps growing its resident memory."""
     data = np.memmap(path, dtype=np.uint16, mode="r")
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
     x, y = xy[:, :-1], xy[:, 1:]
     if mix is not None:
-        x, y = mix(x, y)
+        x, y = mix(x, y, generator)
     if device.type == "cuda":
         return (x.pin_memory().to(device, non_blocking=True),
                 y.pin_memory().to(device, non_blocking=True))
@@ -292,8 +302,9 @@ def get_lr(it, cfg):
     return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def rng_state(sampler):
-    """Every RNG this process draws from, as tensors and lists (loadable with weights_only)."""
+def rng_state():
+    """Every RNG this process draws from (dropout; the data has its own, batch_generator), as
+    tensors and lists (loadable with weights_only)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
@@ -302,11 +313,10 @@ def rng_state(sampler):
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                   int(np_state[3]), float(np_state[4])],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "sampler": sampler.get_state(),
     }
 
 
-def set_rng_state(state, sampler):
+def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() \
             and len(state["cuda"]) == torch.cuda.device_count():
@@ -315,15 +325,14 @@ def set_rng_state(state, sampler):
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    sampler.set_state(state["sampler"])
 
 
-def all_rng_states(sampler, world_size):
+def all_rng_states(world_size):
     """rng_state of every process (gathered to all of them under DDP)."""
     if world_size == 1:
-        return [rng_state(sampler)]
+        return [rng_state()]
     states = [None] * world_size
-    dist.all_gather_object(states, rng_state(sampler))
+    dist.all_gather_object(states, rng_state())
     return states
 
 
@@ -336,27 +345,27 @@ def from_rank0(x, ddp, dev):
     return t.item()
 
 
-def passkey_mix(cfg, paths, sampler):
-    """mix(x, y) for get_batch: passkey documents with filler from the training split, drawn
-    from the data sampler (so a resumed run repeats them exactly); None without the mix."""
+def passkey_mix(cfg, paths):
+    """mix(x, y, generator) for get_batch: passkey documents with filler from the training
+    split, drawn from the batch's own generator (so a resumed run repeats them exactly); None
+    without the mix."""
     if cfg["passkey_fraction"] == 0:
         return None
     encode = get_encoding().encode_ordinary
     filler = np.memmap(paths["train"], dtype=np.uint16, mode="r")
-    return lambda x, y: mix_passkey(x, y, cfg["passkey_fraction"], sampler, filler, encode,
-                                    cfg["passkey_min_length"],
-                                    cfg["passkey_max_length"] or None)
+    return lambda x, y, gen: mix_passkey(x, y, cfg["passkey_fraction"], gen, filler, encode,
+                                         cfg["passkey_min_length"],
+                                         cfg["passkey_max_length"] or None)
 
 
 def build(conf, cfg, ckpt, dev, dtype, rank, world_size, say):
-    """Model (the same initial weights in every process), optimizer, grad scaler and the data
-    sampler (each process draws its own batches and dropout masks), restored on resume."""
+    """Model (the same initial weights in every process), optimizer and grad scaler, restored on
+    resume, and each process's own RNG states (its dropout masks)."""
     torch.manual_seed(cfg["seed"])
     model = GPT(conf)
     torch.manual_seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
-    sampler = torch.Generator().manual_seed(cfg["seed"] + rank)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(dev)
@@ -369,18 +378,17 @@ def build(conf, cfg, ckpt, dev, dtype, rank, world_size, say):
             scaler.load_state_dict(ckpt["scaler"])
         states = ckpt.get("rng_states") or []
         if len(states) == world_size:
-            set_rng_state(states[rank], sampler)
-        else:
+            set_rng_state(states[rank])
+        elif conf.dropout > 0:
             say(f"resume: the checkpoint has RNG states of {len(states)} processes, this run "
-                f"has {world_size}: batches are reseeded, so the run will not repeat exactly")
-    return model, optimizer, scaler, sampler
+                f"has {world_size}: dropout is reseeded, so the run will not repeat exactly")
+    return model, optimizer, scaler
 
 
 @torch.no_grad()
 def estimate_loss(model, paths, cfg, dev, autocast):
     """Mean loss over eval_iters batches per split. The batches come from a generator reseeded
-    every time: the same windows at each eval (comparable numbers), and the training sampler is
-    left untouched (exact resume)."""
+    every time: the same windows at each eval (comparable numbers)."""
     out = {}
     model.eval()
     for split in ("train", "val"):
@@ -397,8 +405,8 @@ def estimate_loss(model, paths, cfg, dev, autocast):
 
 
 def train_step(model, optimizer, scaler, lr, next_batch, accum, cfg, autocast, ddp):
-    """One optimizer step at learning rate lr over accum micro-batches; returns the mean loss
-    (the same in every process). A loss that is not finite returns before the update."""
+    """One optimizer step at learning rate lr over accum micro-batches, next_batch(micro) for
+    micro in 0..accum-1; returns the mean loss (the same in every process). A loss that is not finite returns before the update."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     dev = next(model.parameters()).device
@@ -406,7 +414,7 @@ def train_step(model, optimizer, scaler, lr, next_batch, accum, cfg, autocast, d
     for micro in range(accum):
         if ddp:  # all-reduce gradients only at the last micro-step
             model.require_backward_grad_sync = micro == accum - 1
-        x, y = next_batch()
+        x, y = next_batch(micro)
         with autocast:
             _, loss = model(x, y)
         loss_sum += loss.detach().float()
@@ -469,7 +477,7 @@ def main(argv):
         backend = cfg["backend"] if cfg["backend"] != "auto" else \
             "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-    model, optimizer, scaler, sampler = build(conf, cfg, ckpt, dev, dtype, rank, world_size, say)
+    model, optimizer, scaler = build(conf, cfg, ckpt, dev, dtype, rank, world_size, say)
     start = (ckpt["iter_num"], ckpt["best_val_loss"]) if ckpt is not None else (0, float("inf"))
     del ckpt
     tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
@@ -478,19 +486,17 @@ def main(argv):
         f"{model.get_num_params() / 1e6:.2f}M non-embedding parameters, "
         f"attention={conf.attention}, block_size={conf.block_size}, device={dev}, "
         f"dtype={dtype}, {world_size} process(es), {tokens:,} tokens/step -> {cfg['out_dir']}/")
-    train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start, ddp, master,
-          say)
+    train(cfg, conf, model, optimizer, scaler, paths, dev, dtype, start, ddp, master, say)
     if ddp:
         dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start, ddp, master,
-          say):
+def train(cfg, conf, model, optimizer, scaler, paths, dev, dtype, start, ddp, master, say):
     """Evaluate and checkpoint every eval_interval steps and at the end, train in between."""
     iter_num, best_val_loss = start
-    world_size = dist.get_world_size() if ddp else 1
-    accum = cfg["gradient_accumulation_steps"] // world_size
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    accum = cfg["gradient_accumulation_steps"] // world_size  # micro-steps of this process
     raw_model = eval_model = model
     if cfg["compile"]:
         model = eval_model = torch.compile(model)
@@ -505,14 +511,14 @@ def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start
         if master and cfg["progress"] else None
     say = bar.write if bar is not None else say
     val_loss = None
-    mix = passkey_mix(cfg, paths, sampler)
+    mix = passkey_mix(cfg, paths)
     try:
         while True:
             # a resumed run was evaluated (and checkpointed) at its first step already
             resumed_here = iter_num == start[0] and cfg["init_from"] == "resume"
             if cfg["eval_only"] or (not resumed_here and (iter_num % cfg["eval_interval"] == 0
                                                           or iter_num >= cfg["max_iters"])):
-                states = all_rng_states(sampler, world_size)
+                states = all_rng_states(world_size)
                 losses = estimate_loss(eval_model, paths, cfg, dev, autocast) if master else None
                 # every process stops on a bad val loss: a rank left alone would wait forever in
                 # the next all-reduce under a launcher that does not stop the others
@@ -538,8 +544,9 @@ def train(cfg, conf, model, optimizer, scaler, sampler, paths, dev, dtype, start
                 break
 
             lr, t0 = get_lr(iter_num, cfg), time.time()
-            lossf = train_step(model, optimizer, scaler, lr, lambda: get_batch(
-                paths["train"], cfg["batch_size"], cfg["block_size"], sampler, dev, mix),
+            lossf = train_step(model, optimizer, scaler, lr, lambda micro: get_batch(
+                paths["train"], cfg["batch_size"], cfg["block_size"],
+                batch_generator(cfg["seed"], iter_num, rank * accum + micro), dev, mix),
                 accum, cfg, autocast, ddp)
             if not math.isfinite(lossf):
                 raise UserError(f"loss is {lossf} at step {iter_num}; stopping before the "
