@@ -393,10 +393,12 @@ def _key_range(t_lo, BT, T, TK, KSTRIDE, KOFF, W):
 
 
 @triton.jit
-def _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc):
-    """Online softmax over one key tile: fold the logits b_s [rows, keys] where m_s, and the
-    values b_v [keys, D], into the running max b_m, sum b_l and unnormalised output b_acc."""
-    b_s = tl.where(m_s, b_s, float("-inf"))
+def _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc, MASKED: tl.constexpr):
+    """Online softmax over one key tile: fold the logits b_s [rows, keys] (where m_s if MASKED,
+    else all of them), and the values b_v [keys, D], into the running max b_m, sum b_l and
+    unnormalised output b_acc."""
+    if MASKED:
+        b_s = tl.where(m_s, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     # a row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf
     b_m_safe = tl.where(b_m_new == float("-inf"), 0., b_m_new)
@@ -418,10 +420,12 @@ def _store_attention(o, lse, p_row, m_row, b_m, b_l, b_acc, D: tl.constexpr):
 
 
 @triton.jit
-def _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v):
-    """dq += dS k over one key tile: P = 2^(s - lse) from the saved lse, dS = P * (do v^T -
-    delta) with delta = rowsum(do * o)."""
-    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)                  # [rows, keys]
+def _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v, MASKED: tl.constexpr):
+    """dq += dS k over one key tile: P = 2^(s - lse) from the saved lse (0 outside m_s if
+    MASKED), dS = P * (do v^T - delta) with delta = rowsum(do * o)."""
+    b_p = tl.exp2(b_s - b_lse[:, None])                                       # [rows, keys]
+    if MASKED:
+        b_p = tl.where(m_s, b_p, 0.)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
     b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
@@ -440,15 +444,66 @@ def _store_dq(dq, b_dq, p_row, m_row, scale, ACCUM: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v):
+def _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v, MASKED: tl.constexpr):
     """dv += P^T do and dk += dS^T q (unscaled) over one tile of query rows; P and dS as in
     _dq_step. Also returns dS [rows, keys] (in q's dtype)."""
-    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.)                  # [rows, keys]
+    b_p = tl.exp2(b_s - b_lse[:, None])                                       # [rows, keys]
+    if MASKED:
+        b_p = tl.where(m_s, b_p, 0.)
     b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
     b_dk += tl.dot(tl.trans(b_ds), b_q)
     return b_dk, b_dv, b_ds
+
+
+# The dense kernels split their loops: the tiles visible to every row of the other side (all
+# but the one or two at each edge of the causal or window band) run without the element masks.
+
+@triton.jit
+def _full_key_tiles(t_lo, BT, T, i_start, i_end, KSTRIDE, KOFF, W, BN: tl.constexpr):
+    """The key tiles i_start + k*BN, k < n_tiles, of the query tile t_lo .. t_lo + BT - 1:
+    those with k_lo <= k < k_hi exist whole and every position of the query tile sees all of
+    their keys (KOFF + i*KSTRIDE in (t - W, t])."""
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    n_tiles = tl.maximum(i_end - i_start + BN - 1, 0) // BN
+    # the first key that t_hi still sees: KOFF + i*KSTRIDE > t_hi - W (division is C-style,
+    # so numerators stay >= 0)
+    i_seen = (tl.maximum(t_hi - W - KOFF + 1, 0) + KSTRIDE - 1) // KSTRIDE
+    # the keys that t_lo already sees: KOFF + i*KSTRIDE <= t_lo, and that exist
+    n_seen = tl.minimum(tl.maximum(t_lo - KOFF + KSTRIDE, 0) // KSTRIDE, i_end)
+    k_lo = tl.minimum((tl.maximum(i_seen - i_start, 0) + BN - 1) // BN, n_tiles)
+    k_hi = tl.maximum(tl.minimum(tl.maximum(n_seen - i_start, 0) // BN, n_tiles), k_lo)
+    return k_lo, k_hi, n_tiles
+
+
+@triton.jit
+def _dense_keys(k, v, i0, i_end, t, i_b, i_h, TK, H, KSTRIDE, KOFF, W, MASKED: tl.constexpr,
+                D: tl.constexpr, BN: tl.constexpr):
+    """K, V [BN, D] of keys i0 .. i0 + BN - 1 and, if MASKED, which rows see which of them
+    [rows, BN] (keys past i_end are zeros); else every key exists and every row sees it."""
+    o_i = i0 + tl.arange(0, BN)                                               # [BN]
+    p_kv = ((i_b * TK + o_i).to(tl.int64) * H + i_h)[:, None] * D + tl.arange(0, D)[None, :]
+    if MASKED:
+        m_k = o_i < i_end
+        b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.)
+        b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.)
+        pos = KOFF + o_i * KSTRIDE
+        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
+    else:
+        b_k = tl.load(k + p_kv)
+        b_v = tl.load(v + p_kv)
+        m_s = 0
+    return b_k, b_v, m_s
+
+
+@triton.jit
+def _dense_fwd_tile(b_q, k, v, i0, i_end, t, i_b, i_h, TK, H, scale_log2, KSTRIDE, KOFF, W,
+                    b_m, b_l, b_acc, MASKED: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    b_k, b_v, m_s = _dense_keys(k, v, i0, i_end, t, i_b, i_h, TK, H, KSTRIDE, KOFF, W, MASKED,
+                                D, BN)
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                            # [BM, BN]
+    return _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc, MASKED)
 
 
 @triton.jit
@@ -463,20 +518,33 @@ def _dense_fwd_kernel(q, k, v, o, lse, T, TK, G, BT, HQ, H, scale_log2, KSTRIDE,
     o_d = tl.arange(0, D)
     b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)  # [BM, D]
     i_start, i_end = _key_range(i_t * BT, BT, T, TK, KSTRIDE, KOFF, W)
+    k_lo, k_hi, n_tiles = _full_key_tiles(i_t * BT, BT, T, i_start, i_end, KSTRIDE, KOFF, W, BN)
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.zeros([BM], tl.float32)
     b_acc = tl.zeros([BM, D], tl.float32)
-    for i0 in range(i_start, i_end, BN):
-        o_i = i0 + tl.arange(0, BN)                                           # [BN]
-        m_k = o_i < i_end
-        p_key = (i_b * TK + o_i).to(tl.int64) * H + i_h
-        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
-        pos = KOFF + o_i * KSTRIDE
-        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
-        b_m, b_l, b_acc = _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc)
+    for i_k in range(0, k_lo):
+        b_m, b_l, b_acc = _dense_fwd_tile(b_q, k, v, i_start + i_k * BN, i_end, t, i_b, i_h, TK,
+                                          H, scale_log2, KSTRIDE, KOFF, W, b_m, b_l, b_acc, True,
+                                          D, BN)
+    for i_k in range(k_lo, k_hi):
+        b_m, b_l, b_acc = _dense_fwd_tile(b_q, k, v, i_start + i_k * BN, i_end, t, i_b, i_h, TK,
+                                          H, scale_log2, KSTRIDE, KOFF, W, b_m, b_l, b_acc,
+                                          False, D, BN)
+    for i_k in range(k_hi, n_tiles):
+        b_m, b_l, b_acc = _dense_fwd_tile(b_q, k, v, i_start + i_k * BN, i_end, t, i_b, i_h, TK,
+                                          H, scale_log2, KSTRIDE, KOFF, W, b_m, b_l, b_acc, True,
+                                          D, BN)
     _store_attention(o, lse, p_row, m_r, b_m, b_l, b_acc, D)
+
+
+@triton.jit
+def _dense_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, k, v, i0, i_end, t, i_b, i_h, TK, H,
+                   scale_log2, KSTRIDE, KOFF, W, MASKED: tl.constexpr, D: tl.constexpr,
+                   BN: tl.constexpr):
+    b_k, b_v, m_s = _dense_keys(k, v, i0, i_end, t, i_b, i_h, TK, H, KSTRIDE, KOFF, W, MASKED,
+                                D, BN)
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                            # [BM, BN]
+    return _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v, MASKED)
 
 
 @triton.jit
@@ -488,21 +556,36 @@ def _dense_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     t, m_r, p_row = _query_rows(i_t * BT, T, i_b, i_h, T, HQ, G, BT, BM)
-    o_d = tl.arange(0, D)
     b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
     i_start, i_end = _key_range(i_t * BT, BT, T, TK, KSTRIDE, KOFF, W)
+    k_lo, k_hi, n_tiles = _full_key_tiles(i_t * BT, BT, T, i_start, i_end, KSTRIDE, KOFF, W, BN)
     b_dq = tl.zeros([BM, D], tl.float32)
-    for i0 in range(i_start, i_end, BN):
-        o_i = i0 + tl.arange(0, BN)
-        m_k = o_i < i_end
-        p_key = (i_b * TK + o_i).to(tl.int64) * H + i_h
-        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-        pos = KOFF + o_i * KSTRIDE
-        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
-        b_dq = _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v)
+    for i_k in range(0, k_lo):
+        b_dq = _dense_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, k, v, i_start + i_k * BN, i_end,
+                              t, i_b, i_h, TK, H, scale_log2, KSTRIDE, KOFF, W, True, D, BN)
+    for i_k in range(k_lo, k_hi):
+        b_dq = _dense_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, k, v, i_start + i_k * BN, i_end,
+                              t, i_b, i_h, TK, H, scale_log2, KSTRIDE, KOFF, W, False, D, BN)
+    for i_k in range(k_hi, n_tiles):
+        b_dq = _dense_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, k, v, i_start + i_k * BN, i_end,
+                              t, i_b, i_h, TK, H, scale_log2, KSTRIDE, KOFF, W, True, D, BN)
     _store_dq(dq, b_dq, p_row, m_r, scale, ACCUM, D)
+
+
+@triton.jit
+def _dense_dkdv_tile(b_dk, b_dv, b_k, b_v, m_k, pos, q, do, lse, delta, t0, t_end, i_b, i_h, T,
+                     HQ, G, BT, scale_log2, W, MASKED: tl.constexpr, D: tl.constexpr,
+                     BM: tl.constexpr):
+    t, m_r, p_row = _query_rows(t0, t_end, i_b, i_h, T, HQ, G, BT, BM)
+    # rows outside the slice load q = do = 0 and lse = +inf: P = 0, whatever the mask
+    b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
+    if MASKED:
+        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
+    else:
+        m_s = 0
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                            # [BM, BN]
+    b_dk, b_dv, _ = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v, MASKED)
+    return b_dk, b_dv
 
 
 @triton.jit
@@ -523,18 +606,29 @@ def _dense_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H,
     b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)  # [BN, D]
     b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
     pos = KOFF + o_i * KSTRIDE                                                # [BN]
-    t_beg = tl.maximum(KOFF + i_k * BN * KSTRIDE, i_sp * SLICE)
-    t_end = tl.minimum(KOFF + (tl.minimum(i_k * BN + BN, TK) - 1) * KSTRIDE + W, T)
-    t_end = tl.minimum(t_end, i_sp * SLICE + SLICE)
+    pos_first = KOFF + i_k * BN * KSTRIDE
+    pos_last = KOFF + (tl.minimum(i_k * BN + BN, TK) - 1) * KSTRIDE
+    t_beg = tl.maximum(pos_first, i_sp * SLICE)
+    t_end = tl.minimum(tl.minimum(pos_last + W, T), i_sp * SLICE + SLICE)
+    # query tiles t_beg + j*BT that see every key of this (whole) tile: j_lo <= j < j_hi
+    n_tiles = tl.maximum(t_end - t_beg + BT - 1, 0) // BT
+    j_lo = tl.minimum((tl.maximum(pos_last - t_beg, 0) + BT - 1) // BT, n_tiles)
+    j_hi = tl.maximum(tl.minimum(tl.maximum(pos_first + W - t_beg, 0) // BT, n_tiles), j_lo)
+    j_hi = tl.where(i_k * BN + BN <= TK, j_hi, j_lo)
     b_dk = tl.zeros([BN, D], tl.float32)
     b_dv = tl.zeros([BN, D], tl.float32)
-    for t0 in range(t_beg, t_end, BT):
-        t, m_r, p_row = _query_rows(t0, t_end, i_b, i_h, T, HQ, G, BT, BM)
-        b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
-        m_s = (m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
-               & (pos[None, :] > t[:, None] - W))
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BN]
-        b_dk, b_dv, _ = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
+    for j in range(0, j_lo):
+        b_dk, b_dv = _dense_dkdv_tile(b_dk, b_dv, b_k, b_v, m_k, pos, q, do, lse, delta,
+                                      t_beg + j * BT, t_end, i_b, i_h, T, HQ, G, BT, scale_log2,
+                                      W, True, D, BM)
+    for j in range(j_lo, j_hi):
+        b_dk, b_dv = _dense_dkdv_tile(b_dk, b_dv, b_k, b_v, m_k, pos, q, do, lse, delta,
+                                      t_beg + j * BT, t_end, i_b, i_h, T, HQ, G, BT, scale_log2,
+                                      W, False, D, BM)
+    for j in range(j_hi, n_tiles):
+        b_dk, b_dv = _dense_dkdv_tile(b_dk, b_dv, b_k, b_v, m_k, pos, q, do, lse, delta,
+                                      t_beg + j * BT, t_end, i_b, i_h, T, HQ, G, BT, scale_log2,
+                                      W, True, D, BM)
     p_out = p_key[:, None] * D + o_d[None, :]
     if ATOMIC:
         m_out = m_k[:, None] & (t_beg < t_end)
@@ -738,7 +832,7 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
         b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
-        b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc)
+        b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc, True)
     _store_attention(o, lse, p_row, m_g, b_m, b_l, b_acc, D)
 
 
@@ -875,7 +969,7 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
         b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
-        b_dq = _dq_step(b_dq, b_s, m_k[None, :], b_lse, b_do, b_delta, b_k, b_v)
+        b_dq = _dq_step(b_dq, b_s, m_k[None, :], b_lse, b_do, b_delta, b_k, b_v, True)
     _store_dq(dq, b_dq, p_row, m_g, scale, ACCUM, D)
 
 
@@ -900,7 +994,8 @@ def _slc_bwd_dkdv_kernel(q, k, v, idx, do, lse, delta, dq_part, dk, dv, q_list, 
         b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
         m_s = m_r[:, None] & m_k[None, :] & (pos[None, :] <= t[:, None])
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BM, BS]
-        b_dk, b_dv, b_ds = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v)
+        b_dk, b_dv, b_ds = _dkdv_step(b_dk, b_dv, b_s, m_s, b_q, b_do, b_lse, b_delta, b_v,
+                                      True)
         if DQ_PIECES:
             p_part = p_row * NSEL + _block_slot(idx, i_b, i_h, t, j, m_r, T, H, NSEL, NS)
             tl.store(dq_part + p_part[:, None] * D + o_d[None, :],
@@ -1722,7 +1817,7 @@ def _decode_attend(b_q, k, v, p_kv, s_t, lo, hi, b_m, b_l, b_acc, scale_log2,
         b_k = tl.load(k + p_k, mask=m_k[:, None], other=0.)                   # [BN, D]
         b_v = tl.load(v + p_k, mask=m_k[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                         # [BG, BN]
-        b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc)
+        b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc, True)
     return b_m, b_l, b_acc
 
 
