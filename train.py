@@ -8,7 +8,7 @@ Train nanoNSA's GPT (NSA or full attention) on a dataset made by prepare_data.py
     python train.py config/train_shakespeare_cpu.py --attention=full   # -> out-shakespeare-full/
     python prepare_data.py python && python train.py config/train_python_8k_nsa.py    # one GPU
     python prepare_data.py python --with_site_packages
-    torchrun --standalone --nproc_per_node=8 train.py config/train_python_32k_nsa.py  # DDP
+    torchrun --standalone --nproc_per_node=2 train.py config/train_python_32k_nsa.py  # DDP, 2 GPUs
 
 Settings are the globals below; config files (plain Python assignments) and then --key=value
 arguments override them, in order, each checked against its default's type. A setting's name

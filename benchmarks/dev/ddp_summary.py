@@ -1,0 +1,83 @@
+"""The tables of BENCHMARKS.md's DDP section from the logs of benchmarks/ddp_h200x2_2026-11-29/
+(written by its run.sh on an nvidia-h200-x2 machine):
+
+    python benchmarks/dev/ddp_summary.py benchmarks/ddp_h200x2_2026-11-29   # -> summary.json there
+"""
+import json
+import os
+import statistics
+import sys
+
+folder = sys.argv[1]
+
+
+def records(name):
+    with open(os.path.join(folder, name + ".jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def steps(name, run=-1):
+    """{step: record} of the run-th run in the log (a resume appends a second run)."""
+    runs = [[]]
+    for r in records(name):
+        if r.get("event") == "start":
+            runs.append([])
+        elif "train_loss" in r:
+            runs[-1].append(r)
+    return {r["iter"]: r for r in runs[1:][run]}
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+summary = {"scaling": [], "parity": {}, "resume": {}}
+for T, skip in (("8k", 3), ("32k", 2)):
+    for attention in ("nsa", "full"):
+        one = None
+        for n in (1, 2):
+            s = steps(f"s_{T}_{attention}_{n}")
+            ms = statistics.median(r["ms_per_iter"] for i, r in s.items() if i >= skip)
+            last = s[max(s)]
+            tokens = last["tokens_per_s"] * last["ms_per_iter"] / 1000  # tokens per step
+            per_gpu = tokens / (ms / 1000) / n
+            one = one or per_gpu
+            summary["scaling"].append(dict(
+                T=T, attention=attention, gpus=n, ms_per_step=ms, tokens_per_step=tokens,
+                tokens_per_s=per_gpu * n, tokens_per_s_per_gpu=per_gpu,
+                scaling=per_gpu / one, peak_mem_gib=last["peak_mem_gib"],
+                steps_timed=sum(i >= skip for i in s),
+                max_rel_loss_diff_vs_1_gpu=None if n == 1 else max(
+                    rel(r["train_loss"], steps(f"s_{T}_{attention}_1")[i]["train_loss"])
+                    for i, r in s.items())))
+
+one, two = steps("one"), steps("two")
+again = steps("kill", 0)  # the killed run: the same command as `two`, steps 0..33
+val = {name: [(r["iter"], r["val_loss"]) for r in records(name) if "val_loss" in r]
+       for name in ("one", "two", "kill")}
+summary["parity"] = {
+    "step_1_rel_diff_1_vs_2_gpus": rel(two[1]["train_loss"], one[1]["train_loss"]),
+    "max_rel_diff_steps_0_24": {"1_vs_2_gpus": max(rel(two[i]["train_loss"], one[i]["train_loss"])
+                                                   for i in range(25)),
+                                "2_gpus_run_to_run": max(rel(again[i]["train_loss"],
+                                                             two[i]["train_loss"])
+                                                         for i in range(25))},
+    "val_loss": val,
+    "ms_per_step": {"1_gpu": statistics.median(r["ms_per_iter"] for i, r in one.items() if i >= 5),
+                    "2_gpus": statistics.median(r["ms_per_iter"] for i, r in two.items()
+                                                if i >= 5)}}
+killed, resumed = steps("kill", 0), steps("kill", 1)
+summary["resume"] = {
+    "killed_after_step": max(killed), "resumed_from": min(resumed),
+    "rel_diff_after_resume": {i: rel(resumed[i]["train_loss"], killed[i]["train_loss"])
+                              for i in sorted(set(killed) & set(resumed))}}
+with open(os.path.join(folder, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+
+print("| T | attention | GPUs | ms/step | tokens/s | per GPU | of linear | peak GiB |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for r in summary["scaling"]:
+    print(f"| {r['T']} | {r['attention']} | {r['gpus']} | {r['ms_per_step']:.0f} | "
+          f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {100 * r['scaling']:.1f}% "
+          f"| {r['peak_mem_gib']:.1f} |")
+print(json.dumps({k: summary[k] for k in ("parity", "resume")}, indent=1))
