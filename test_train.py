@@ -234,7 +234,8 @@ def test_train_writes_checkpoint_and_log(resumed):
     assert log[0]["event"] == "start" and log[0]["init_from"] == "scratch"
     steps = [r for r in log if "train_loss" in r]
     assert [r["iter"] for r in steps] == list(range(8))
-    assert all(r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and "mfu" not in r for r in steps)
+    assert all(r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+               and "mfu" not in r for r in steps)
     evals = [r["iter"] for r in log if "val_loss" in r]
     assert evals == [0, 4, 8]
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
@@ -432,6 +433,12 @@ def test_ddp_matches_one_process(work):
     assert len(set(a.values())) == 4, "the steps must see different batches"
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+    # AdamW's update hardly changes when the whole gradient is scaled: the losses alone would not
+    # catch a gradient summed instead of averaged over processes; its logged norm does
+    norms = [{r["iter"]: r["grad_norm"] for r in read_log(out) if "train_loss" in r}
+             for out in (one, two)]
+    for step in a:
+        assert norms[1][step] == pytest.approx(norms[0][step], rel=1e-4), (step, norms)
     vals = [[r["val_loss"] for r in read_log(out) if "val_loss" in r] for out in (one, two)]
     assert vals[1] == pytest.approx(vals[0], rel=1e-5)
 

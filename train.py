@@ -406,7 +406,8 @@ def estimate_loss(model, paths, cfg, dev, autocast):
 
 def train_step(model, optimizer, scaler, lr, next_batch, accum, cfg, autocast, ddp):
     """One optimizer step at learning rate lr over accum micro-batches, next_batch(micro) for
-    micro in 0..accum-1; returns the mean loss (the same in every process). A loss that is not finite returns before the update."""
+    micro in 0..accum-1; returns the mean loss (the same in every process) and the gradient's
+    norm before clipping (a tensor). A loss that is not finite returns before the update."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     dev = next(model.parameters()).device
@@ -425,16 +426,17 @@ def train_step(model, optimizer, scaler, lr, next_batch, accum, cfg, autocast, d
         step_loss /= dist.get_world_size()
     lossf = step_loss.item()  # one sync per step: every process sees it and stops together
     if not math.isfinite(lossf):
-        return lossf
-    if cfg["grad_clip"] > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        return lossf, None
+    scaler.unscale_(optimizer)
+    # grad_clip = 0 measures the norm (for the log) without clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               cfg["grad_clip"] or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if dev.type == "cuda":  # the step's time is the GPU's
         torch.cuda.synchronize(dev)
-    return lossf
+    return lossf, grad_norm
 
 
 def checkpoint(raw_model, optimizer, scaler, conf, cfg, iter_num, best_val_loss, rng_states):
@@ -544,7 +546,7 @@ def train(cfg, conf, model, optimizer, scaler, paths, dev, dtype, start, ddp, ma
                 break
 
             lr, t0 = get_lr(iter_num, cfg), time.time()
-            lossf = train_step(model, optimizer, scaler, lr, lambda micro: get_batch(
+            lossf, grad_norm = train_step(model, optimizer, scaler, lr, lambda micro: get_batch(
                 paths["train"], cfg["batch_size"], cfg["block_size"],
                 batch_generator(cfg["seed"], iter_num, rank * accum + micro), dev, mix),
                 accum, cfg, autocast, ddp)
@@ -555,7 +557,7 @@ def train(cfg, conf, model, optimizer, scaler, paths, dev, dtype, start, ddp, ma
             if master and (iter_num % cfg["log_interval"] == 0
                            or iter_num == cfg["max_iters"] - 1):
                 record, msg = step_record(raw_model, cfg, accum, world_size, iter_num, lossf,
-                                          lr, dt, dev, dtype)
+                                          grad_norm.item(), lr, dt, dev, dtype)
                 say(msg + (f" | val {val_loss:.4f}" if val_loss is not None else ""))
                 append_log(log_path, to_log + [record])
                 to_log, val_loss = [], None  # a val loss is shown once, on the next line
@@ -580,11 +582,12 @@ def train(cfg, conf, model, optimizer, scaler, paths, dev, dtype, start, ddp, ma
             bar.close()
 
 
-def step_record(raw_model, cfg, accum, world_size, iter_num, lossf, lr, dt, dev, dtype):
+def step_record(raw_model, cfg, accum, world_size, iter_num, lossf, grad_norm, lr, dt, dev,
+                dtype):
     """The log record and the printed line of a training step."""
     tokens = cfg["batch_size"] * cfg["block_size"] * accum * world_size
-    record = {"iter": iter_num, "train_loss": lossf, "lr": lr, "ms_per_iter": 1000 * dt,
-              "tokens_per_s": tokens / dt}
+    record = {"iter": iter_num, "train_loss": lossf, "grad_norm": grad_norm, "lr": lr,
+              "ms_per_iter": 1000 * dt, "tokens_per_s": tokens / dt}
     msg = f"iter {iter_num}: loss {lossf:.4f} | {1000 * dt:.1f} ms/step | {tokens / dt:,.0f} tok/s"
     peak = peak_bf16_flops(torch.cuda.get_device_name(dev)) \
         if dev.type == "cuda" and dtype != "float32" else None

@@ -66,6 +66,15 @@ summary["parity"] = {
     "ms_per_step": {"1_gpu": statistics.median(r["ms_per_iter"] for i, r in one.items() if i >= 5),
                     "2_gpus": statistics.median(r["ms_per_iter"] for i, r in two.items()
                                                 if i >= 5)}}
+# every 50-step parity run: 1 GPU (one; parity2_one_gpu0/1, a second call) and 2 GPUs (two,
+# kill: its first 34 steps and then the resume; parity2_two_b)
+summary["parity"]["runs"] = {
+    name: {"gpus": 1 if "one" in name else 2,
+           "val_loss": [(r["iter"], r["val_loss"]) for r in records(name) if "val_loss" in r],
+           "mean_train_loss_40_49": statistics.mean(
+               {r["iter"]: r["train_loss"] for r in records(name) if "train_loss" in r}[i]
+               for i in range(40, 50))}
+    for name in ("one", "parity2_one_gpu0", "parity2_one_gpu1", "two", "kill", "parity2_two_b")}
 killed, resumed = steps("kill", 0), steps("kill", 1)
 summary["resume"] = {
     "killed_after_step": max(killed), "resumed_from": min(resumed),
