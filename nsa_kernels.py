@@ -1125,6 +1125,24 @@ def _num_warps(rows, D):
     return 8 if rows * D >= 128 * 128 else 4
 
 
+# Tiles of the dense kernels, per branch and kernel: query rows per tile (positions x heads, at
+# least the G heads of one position), keys per tile, warps, pipeline stages; for D > 128, at
+# most 32 keys and at least 8 warps (registers). Chosen by a sweep at 64k (G = 16, 4) and 8k on
+# the H200, benchmarks/dev/dense_tiles.py -> benchmarks/dense_tiles_h200_2026-11-29.jsonl.
+DENSE_TILES = {
+    "compressed": {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2)},
+    "window": {"fwd": (128, 32, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
+}
+
+
+def _dense_tiles(kernel, window, G, D):
+    branch = "compressed" if window == _NO_WINDOW else "window"
+    rows, keys, warps, stages = DENSE_TILES[branch][kernel]
+    if D > 128:
+        keys, warps = min(keys, 32), max(warps, 8)
+    return _tile_rows(G, rows), keys, warps, stages
+
+
 def _dense_fwd(q, k, v, kstride, koff, window, scale):
     """Attention of q over keys at positions koff + i*kstride in (t - window, t].
     Returns o (q's dtype) and the base-2 lse [B, T, HQ] (fp32, +inf where nothing is visible)."""
@@ -1135,12 +1153,11 @@ def _dense_fwd(q, k, v, kstride, koff, window, scale):
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     if TK == 0:
         return o.zero_(), lse.fill_(float("inf"))
-    BM, BN = _tile_rows(G, 64), 64 if D <= 128 else 32
+    BM, BN, warps, stages = _dense_tiles("fwd", window, G, D)
     BT = BM // G
     grid = (triton.cdiv(T, BT), B * H)
     _dense_fwd_kernel[grid](q, k, v, o, lse, T, TK, G, BT, HQ, H, scale * _LOG2E, kstride, koff,
-                            window, D=D, BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D),
-                            num_stages=2)
+                            window, D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -1154,12 +1171,11 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
             dq.zero_()
         return (torch.zeros(k.shape, dtype=torch.float32, device=q.device),
                 torch.zeros(k.shape, dtype=torch.float32, device=q.device))
-    BM, BN = _tile_rows(G, 64), 64 if D <= 128 else 32
+    BM, BN, warps, stages = _dense_tiles("dq", window, G, D)
     _dense_bwd_dq_kernel[(triton.cdiv(T, BM // G), B * H)](
         q, k, v, do, lse, delta, dq, T, TK, G, BM // G, HQ, H, scale * _LOG2E, scale, kstride,
-        koff, window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=_num_warps(BM, D),
-        num_stages=2)
-    BM, BN = _tile_rows(G, 64), 64 if D <= 128 else 32
+        koff, window, ACCUM=accum, D=D, BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = _dense_tiles("dkdv", window, G, D)
     BT = BM // G
     # each key tile sees at most min(T, span) query positions; split long ranges, into short
     # slices when there are few key tiles (at 8k, 1 KV head: 8 tiles would be 8 programs)
@@ -1177,7 +1193,7 @@ def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale)
     _dense_bwd_dkdv_kernel[(triton.cdiv(TK, BN), nsplit, B * H)](
         q, k, v, do, lse, delta, dk, dv, T, TK, G, BT, HQ, H, scale * _LOG2E, scale, kstride,
         koff, window, T if nsplit == 1 else slice_len, ATOMIC=nsplit > 1, D=D,
-        BM=BM, BN=BN, num_warps=_num_warps(max(BM, BN), D), num_stages=2)
+        BM=BM, BN=BN, num_warps=warps, num_stages=stages)
     return dk, dv
 
 
