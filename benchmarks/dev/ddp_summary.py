@@ -3,6 +3,7 @@
 
     python benchmarks/dev/ddp_summary.py benchmarks/ddp_h200x2_2026-11-29   # -> summary.json there
 """
+import itertools
 import json
 import os
 import statistics
@@ -75,6 +76,24 @@ summary["parity"]["runs"] = {
                {r["iter"]: r["train_loss"] for r in records(name) if "train_loss" in r}[i]
                for i in range(40, 50))}
     for name in ("one", "parity2_one_gpu0", "parity2_one_gpu1", "two", "kill", "parity2_two_b")}
+# per-step mean |difference| / loss between two runs, within each side and across the sides
+curves = {name: {r["iter"]: r["train_loss"] for r in records(name) if "train_loss" in r}
+          for name in summary["parity"]["runs"]}
+one_gpu = [n for n in curves if summary["parity"]["runs"][n]["gpus"] == 1]
+two_gpus = [n for n in curves if summary["parity"]["runs"][n]["gpus"] == 2]
+
+
+def spread(pairs, lo, hi):
+    return [statistics.mean(rel(curves[a][i], curves[b][i]) for i in range(lo, hi))
+            for a, b in pairs]
+
+
+summary["parity"]["mean_rel_diff_per_step"] = {
+    f"steps_{lo}_{hi - 1}": {
+        "within_1_gpu": spread(itertools.combinations(one_gpu, 2), lo, hi),
+        "within_2_gpus": spread(itertools.combinations(two_gpus, 2), lo, hi),
+        "1_vs_2_gpus": spread(itertools.product(one_gpu, two_gpus), lo, hi)}
+    for lo, hi in ((0, 25), (25, 50))}
 killed, resumed = steps("kill", 0), steps("kill", 1)
 summary["resume"] = {
     "killed_after_step": max(killed), "resumed_from": min(resumed),
