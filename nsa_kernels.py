@@ -1121,14 +1121,11 @@ def _tile_rows(G, rows):
     return max(256 if _INTERPRET else rows, triton.next_power_of_2(G))
 
 
-def _num_warps(rows, D):
-    return 8 if rows * D >= 128 * 128 else 4
-
-
 # Tiles of the dense kernels, per branch and kernel: query rows per tile (positions x heads, at
-# least the G heads of one position), keys per tile, warps, pipeline stages; for D > 128, at
-# most 32 keys and at least 8 warps (registers). Chosen by a sweep at 64k (G = 16, 4) and 8k on
-# the H200, benchmarks/dev/dense_tiles.py -> benchmarks/dense_tiles_h200_2026-11-29.jsonl.
+# least the G heads of one position), keys per tile, warps, pipeline stages. Chosen by a sweep
+# at 64k (G = 16, 4) and 8k on the H200 (D = 128), benchmarks/dev/tiles.py ->
+# benchmarks/dense_tiles_h200_2026-11-29.jsonl. D > 128 keeps its earlier settings (registers):
+# at most 64 rows and 32 keys, 8 warps, 2 stages.
 DENSE_TILES = {
     "compressed": {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2)},
     "window": {"fwd": (128, 32, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
@@ -1139,7 +1136,7 @@ def _dense_tiles(kernel, window, G, D):
     branch = "compressed" if window == _NO_WINDOW else "window"
     rows, keys, warps, stages = DENSE_TILES[branch][kernel]
     if D > 128:
-        keys, warps = min(keys, 32), max(warps, 8)
+        rows, keys, warps, stages = min(rows, 64), min(keys, 32), 8, 2
     return _tile_rows(G, rows), keys, warps, stages
 
 
@@ -1201,6 +1198,21 @@ def _slc_tiles(G, select_block):
     return max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(select_block))
 
 
+# Launch settings of the selected-branch kernels: (warps, stages) of those that run one position
+# per program (from G = 16: the forward and dq), and (query rows, warps, stages) of those that
+# run one selection block's queries per program (the dk/dv, and below G = 16 the forward; for
+# D > 128 these get at least 8 warps). Not swept yet: benchmarks/dev/tiles.py sweeps them.
+SLC_TILES = {"fwd": (2, 2), "dq": (2, 2), "blocks_fwd": (64, 4, 2), "dkdv": (64, 4, 2)}
+
+
+def _slc_launch(kernel, D):
+    settings = SLC_TILES[kernel]
+    if len(settings) == 3 and D > 128:
+        rows, warps, stages = settings
+        return rows, max(warps, 8), stages
+    return settings
+
+
 def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
     """Selected attention: o, lse, and the inverted selection it built or was given (inv;
     empty from G = 16) for _slc_bwd to reuse."""
@@ -1211,9 +1223,10 @@ def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     if G >= SLC_BLOCK_ORDER_BELOW_G:
+        warps, stages = _slc_launch("fwd", D)
         _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
                                     SBLK=select_block, BS=BS, D=D, BG=BG,
-                                    num_warps=2, num_stages=2)
+                                    num_warps=warps, num_stages=stages)
         return o, lse, ()
     # small G: key-block order, then a merge (the pieces: n outputs per query row)
     n_blocks = triton.cdiv(T, select_block)
@@ -1221,11 +1234,12 @@ def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
     q_list, seg_bin, seg_start, seg_end = inv
     o_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     lse_part = _alloc((B, T, HQ, n), torch.float32, q.device)
-    BM = _tile_rows(G, 64)
+    rows, warps, stages = _slc_launch("blocks_fwd", D)
+    BM = _tile_rows(G, rows)
     _slc_fwd_blocks_kernel[(seg_bin.numel(),)](
         q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
         H, n_blocks, n, scale * _LOG2E, SBLK=select_block, BS=BS, D=D, BM=BM,
-        NS=triton.next_power_of_2(n), num_warps=_num_warps(BM, D), num_stages=2)
+        NS=triton.next_power_of_2(n), num_warps=warps, num_stages=stages)
     _slc_merge_kernel[(T, B * H)](o_part, lse_part, o, lse, T, G, HQ, H, n, SBLK=select_block,
                                   D=D, BG=triton.next_power_of_2(G), num_warps=4)
     return o, lse, inv
@@ -1272,17 +1286,19 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
         dq_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     else:
         dq_part = dq  # not written
+        warps, stages = _slc_launch("dq", D)
         _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                        scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
-                                       BS=BS, D=D, BG=BG, num_warps=2, num_stages=2)
+                                       BS=BS, D=D, BG=BG, num_warps=warps, num_stages=stages)
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = inv or _invert_selection(idx, n_blocks, _SLC_SEGMENT)
-    BM = _tile_rows(G, 64)
+    rows, warps, stages = _slc_launch("dkdv", D)
+    BM = _tile_rows(G, rows)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
         q, k, v, idx, do, lse, delta, dq_part, dk, dv, q_list, seg_bin, seg_start, seg_end,
         T, G, BM // G, HQ, H, n_blocks, n, scale * _LOG2E, scale, DQ_PIECES=dq_pieces,
         SBLK=select_block, BS=BS, D=D, BM=BM, NS=triton.next_power_of_2(n),
-        num_warps=_num_warps(BM, D), num_stages=2)
+        num_warps=warps, num_stages=stages)
     if dq_pieces:
         BR = 256 if _INTERPRET else 32
         _slc_dq_merge_kernel[(triton.cdiv(dq.numel() // D, BR),)](
