@@ -403,6 +403,14 @@ def passkey_tables(result, lengths, depths, block_size):
         if scale == 100:
             lines.append(["mean"] + [f"{100 * sum(col) / len(col):.0f}" for col in grid])
         out.append(f"{title}:\n" + markdown_table(["depth \\ length"] + heads, lines))
+    if result.get("accuracy_by_selection") is not None:
+        def share(right, n):
+            return f"{100 * right / n:.0f}% of {n}" if n else "none"
+        lines = [[what] + [share(*cell[key]) for cell in result["accuracy_by_selection"]]
+                 for what, key in (("selected by some layer and KV head", "selected"),
+                                   ("selected by none", "not_selected"))]
+        out.append("exact match by whether the needle's block is selected at the question:\n"
+                   + markdown_table(["needle's block \\ length"] + heads, lines))
     return "\n".join(out)
 
 
@@ -460,7 +468,8 @@ def cmd_passkey(args):
         t0 = time.time()
         model = build_model(info, ckpt, dev, max(lengths))
         nsa = info["attention"] == "nsa"
-        acc, first_acc, recall, recall_layer, rank, rank_layer, examples = ([] for _ in range(7))
+        acc, first_acc, recall, recall_layer, rank, rank_layer, examples, split = (
+            [] for _ in range(8))
         for length in lengths:
             rows = docs[length]
             correct, first, hits, ranks = score_passkey(model, rows, args.batch_size, dev,
@@ -475,6 +484,11 @@ def cmd_passkey(args):
                 best = ranks.flatten(1).amin(1)                                   # [N]
                 rank.append([float(best[ix].median()) for ix in by_depth])
                 rank_layer.append(ranks.amin(2).median(0).values.tolist())
+                # is retrieval limited by the selection? exact matches where some layer and KV
+                # head selects the needle's block, and where none does
+                found = hits.flatten(1).any(1)                                    # [N]
+                split.append({"selected": [int(correct[found].sum()), int(found.sum())],
+                              "not_selected": [int(correct[~found].sum()), int((~found).sum())]})
             wrong = [next((i for i in ix if not correct[i]), None) for ix in by_depth]
             examples.append([{"depth": depths[rows[i][0]], "expected": decode(enc, rows[i][2][
                 rows[i][4]:]), "greedy_first_token": decode(enc, [int(first[i])])}
@@ -487,6 +501,7 @@ def cmd_passkey(args):
                         "recall_by_layer": recall_layer if nsa else None,
                         "needle_rank": rank if nsa else None,
                         "needle_rank_by_layer": rank_layer if nsa else None,
+                        "accuracy_by_selection": split if nsa else None,
                         "wrong_examples": examples, "seconds": time.time() - t0})
         del model
     for i, r in enumerate(results):

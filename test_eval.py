@@ -469,6 +469,16 @@ def test_cli_passkey(runs):
     assert len(nsa["needle_rank_by_layer"][0]) == nsa["model_args"]["n_layer"]
     assert "NSA needle rank (median; selected iff <= n = " in p.stdout
     assert full["recall"] is None and full["needle_rank"] is None
+    # exact matches split by whether the needle's block is selected: every sample counted once
+    assert "exact match by whether the needle's block is selected" in p.stdout
+    for cell, accs, recalls in zip(nsa["accuracy_by_selection"], nsa["accuracy"],
+                                   nsa["recall"]):
+        assert cell["selected"][1] + cell["not_selected"][1] == 2 * 3      # samples x depths
+        assert cell["selected"][0] + cell["not_selected"][0] == round(2 * sum(accs))
+        # a depth with recall 1 has both samples selected, one with recall 0 neither
+        assert 2 * sum(r == 1 for r in recalls) <= cell["selected"][1] <= 2 * sum(r > 0
+                                                                               for r in recalls)
+    assert full["accuracy_by_selection"] is None
 
 
 @pytest.mark.parametrize("args, message", [
