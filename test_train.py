@@ -414,6 +414,14 @@ def test_ddp_gloo(work):
     records = [[(r["iter"], r.get("train_loss"), r.get("val_loss")) for r in read_log(out)
                 if "event" not in r] for out in (split, whole)]
     assert records[0] == records[1]
+    # the same run resumed by one process: the data stream goes on (it depends on the step
+    # alone), the two processes' dropout RNG states cannot, and the run says so
+    one = work["dir"] / "ddp_to_one"
+    shutil.copytree(whole, one)
+    p = run("train.py", f"--out_dir={one}", "--init_from=resume", "--max_iters=5",
+            "--device=cpu", "--progress=False", cwd=work["dir"])
+    assert "has RNG states of 2 processes, this run has 1: dropout is reseeded" in p.stdout
+    assert sorted(train_losses(one)) == [0, 1, 2, 3, 4]
 
 
 
