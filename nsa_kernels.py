@@ -478,6 +478,13 @@ def _full_key_tiles(t_lo, BT, T, i_start, i_end, KSTRIDE, KOFF, W, BN: tl.conste
 
 
 @triton.jit
+def _band_mask(m_k, pos, t, W):
+    """Which rows (positions t [rows]) see which keys (at positions pos [keys], existing where
+    m_k): pos in (t - W, t]."""
+    return m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
+
+
+@triton.jit
 def _dense_keys(k, v, i0, i_end, t, i_b, i_h, TK, H, KSTRIDE, KOFF, W, MASKED: tl.constexpr,
                 D: tl.constexpr, BN: tl.constexpr):
     """K, V [BN, D] of keys i0 .. i0 + BN - 1 and, if MASKED, which rows see which of them
@@ -488,8 +495,7 @@ def _dense_keys(k, v, i0, i_end, t, i_b, i_h, TK, H, KSTRIDE, KOFF, W, MASKED: t
         m_k = o_i < i_end
         b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.)
         b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.)
-        pos = KOFF + o_i * KSTRIDE
-        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
+        m_s = _band_mask(m_k, KOFF + o_i * KSTRIDE, t, W)
     else:
         b_k = tl.load(k + p_kv)
         b_v = tl.load(v + p_kv)
@@ -580,7 +586,7 @@ def _dense_dkdv_tile(b_dk, b_dv, b_k, b_v, m_k, pos, q, do, lse, delta, t0, t_en
     # rows outside the slice load q = do = 0 and lse = +inf: P = 0, whatever the mask
     b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
     if MASKED:
-        m_s = m_k[None, :] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - W)
+        m_s = _band_mask(m_k, pos, t, W)
     else:
         m_s = 0
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                            # [BM, BN]
@@ -1075,11 +1081,7 @@ def _combine_bwd_kernel(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, lse_cmp, l
 
 # ----------------------------------------------------------------------------------------------
 # Launchers: allocate outputs, pick tiles and grids (the public functions check the inputs).
-#
-# The tile sizes are the fastest of a sweep on an H200 at T=64k (2026-11-28): 64 rows
-# (positions x heads) and 64 keys (32 for D > 128) per tile of the dense kernels, 64 rows per
-# chunk of the selected dk/dv, 2 warps (16 rows each) for the per-position selected forward and
-# dq, and 2 pipelining stages everywhere.
+# Tile sizes, warps and stages: DENSE_TILES, SLC_TILES and _select_tiles below.
 
 POISON_OUTPUTS = _INTERPRET  # fill outputs with NaN (indices with -2) first: unwritten shows up
 # The selected forward runs in key-block order (each selected block loaded once per BQ
@@ -1206,11 +1208,10 @@ SLC_TILES = {"fwd": (2, 2), "dq": (2, 2), "blocks_fwd": (64, 4, 2), "dkdv": (64,
 
 
 def _slc_launch(kernel, D):
-    settings = SLC_TILES[kernel]
-    if len(settings) == 3 and D > 128:
-        rows, warps, stages = settings
+    if kernel in ("blocks_fwd", "dkdv") and D > 128:
+        rows, warps, stages = SLC_TILES[kernel]
         return rows, max(warps, 8), stages
-    return settings
+    return SLC_TILES[kernel]
 
 
 def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
@@ -1386,10 +1387,10 @@ def _warn_once(message):
 # Branches whose output the forward does not keep for the backward, which recomputes it: the
 # backward needs every o_b (for the gate gradient rowsum(do * o_b)), and each held o_b is a
 # [B, T, HQ, D] tensor per layer beyond what full attention holds. H200, the 32k config's
-# model (8 layers), one training step at T=32k (2026-11-29): holding all three, 158 ms and a
-# 31.9 GiB peak; recomputing the window branch, 161 ms and 31.4 GiB (the default); the window
-# and compressed branches, 166 ms and 30.9 GiB; all three: not measured yet. Results are
-# identical (tested).
+# model (8 layers), one training step at T=32k (2026-11-29, 65d6026): holding all three,
+# 155 ms and a 30.4 GiB peak; recomputing the window branch, 157 ms and 29.9 GiB (the
+# default); the window and compressed branches, 161 ms and 29.4 GiB; all three, 167 ms and
+# 28.9 GiB (full attention: 226 ms, 28.7 GiB). Results are identical (tested).
 RECOMPUTE = ("window",)
 
 

@@ -35,6 +35,8 @@ EOT = 50256
 TINY = ["--block_size=64", "--batch_size=4", "--n_layer=2", "--n_head=4", "--n_kv_head=2",
         "--n_embd=64", "--eval_iters=2", "--log_interval=1", "--progress=False", "--device=cpu",
         "--learning_rate=3e-3", "--warmup_iters=2", "--min_lr=3e-4"]
+# two CPU processes under torchrun (gloo), the launcher a user runs for DDP
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 NSA_BLOCKS = ["--block_len=16", "--block_stride=8", "--select_block=16", "--n_select=3",
               "--window=32"]
 
@@ -397,20 +399,19 @@ def test_ctrl_c_stops_with_one_line(work):
 def test_ddp_gloo(work):
     """Two CPU processes under torchrun (gloo): only rank 0 logs and saves, and a resumed DDP
     run (NSA, dropout) repeats the uninterrupted one exactly: every rank's RNG states are kept."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     common = ["--attention=nsa", *NSA_BLOCKS, "--dropout=0.1", "--eval_interval=2",
               "--lr_decay_iters=4", "--gradient_accumulation_steps=2", "--backend=gloo"]
     whole, split = work["dir"] / "ddp_whole", work["dir"] / "ddp_split"
     p = run("train.py", *train_args(work, whole, "--max_iters=4", *common), cwd=work["dir"],
-            launcher=torchrun)
+            launcher=TORCHRUN)
     assert "2 process(es)" in p.stdout and p.stdout.count("training from scratch") == 1
     ckpt = torch.load(whole / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 4 and len(ckpt["rng_states"]) == 2
     assert sorted(train_losses(whole)) == [0, 1, 2, 3]
     run("train.py", *train_args(work, split, "--max_iters=2", *common), cwd=work["dir"],
-        launcher=torchrun)
+        launcher=TORCHRUN)
     run("train.py", *train_args(work, split, "--max_iters=4", "--init_from=resume", *common),
-        cwd=work["dir"], launcher=torchrun)
+        cwd=work["dir"], launcher=TORCHRUN)
     records = [[(r["iter"], r.get("train_loss"), r.get("val_loss")) for r in read_log(out)
                 if "event" not in r] for out in (split, whole)]
     assert records[0] == records[1]
@@ -424,18 +425,16 @@ def test_ddp_gloo(work):
     assert sorted(train_losses(one)) == [0, 1, 2, 3, 4]
 
 
-
 def test_ddp_matches_one_process(work):
     """Two processes that split gradient_accumulation_steps train on exactly the windows (and
     passkey documents) of one process: the same losses up to float rounding, step by step
     (issue 13's parity, shown on a GPU pair in BENCHMARKS.md)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     common = ["--attention=nsa", *NSA_BLOCKS, "--max_iters=4", "--eval_interval=4",
               "--lr_decay_iters=4", "--gradient_accumulation_steps=2", "--backend=gloo",
               "--passkey_fraction=0.5", "--passkey_min_length=40"]
     one, two = work["dir"] / "ddp_one", work["dir"] / "ddp_two"
     run("train.py", *train_args(work, one, *common), cwd=work["dir"])
-    run("train.py", *train_args(work, two, *common), cwd=work["dir"], launcher=torchrun)
+    run("train.py", *train_args(work, two, *common), cwd=work["dir"], launcher=TORCHRUN)
     a, b = (train_losses(out) for out in (one, two))
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     assert len(set(a.values())) == 4, "the steps must see different batches"
@@ -455,8 +454,7 @@ def test_ddp_bad_val_loss_stops_every_rank(work):
     """Under torchrun, a non-finite val loss (measured on rank 0) stops every rank with the
     same message: rank 1 must not go on into the next all-reduce alone."""
     out = work["dir"] / "ddp_nan"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"),
+    cmd = [*TORCHRUN, os.path.join(ROOT, "train.py"),
            *train_args(work, out, "--attention=full", "--max_iters=6", "--eval_interval=1",
                        "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0.0",
                        "--gradient_accumulation_steps=2", "--backend=gloo")]
@@ -468,6 +466,7 @@ def test_ddp_bad_val_loss_stops_every_rank(work):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] < int(stops[0])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
 
 DDP_OVERLAP_SCRIPT = """
 import sys
@@ -528,8 +527,7 @@ def test_ddp_reduces_during_nsa_backward(tmp_path):
     and every rank ends with the same gradients. Two CPU processes under torchrun (gloo)."""
     script = tmp_path / "ddp_overlap.py"
     script.write_text(DDP_OVERLAP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), ROOT]
+    cmd = [*TORCHRUN, str(script), ROOT]
     p = subprocess.run(cmd, cwd=tmp_path, env=script_env(TRITON_INTERPRET="1"),
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -28,6 +28,15 @@ def steps(name, run=-1):
     return {r["iter"]: r for r in runs[1:][run]}
 
 
+def losses(name):
+    """{step: train loss}; a step logged again after a resume counts with its later record."""
+    return {r["iter"]: r["train_loss"] for r in records(name) if "train_loss" in r}
+
+
+def vals(name):
+    return [(r["iter"], r["val_loss"]) for r in records(name) if "val_loss" in r]
+
+
 def rel(a, b):
     return abs(a - b) / abs(b)
 
@@ -54,8 +63,7 @@ for T, skip in (("8k", 3), ("32k", 2)):
 
 one, two = steps("one"), steps("two")
 again = steps("kill", 0)  # the killed run: the same command as `two`, steps 0..33
-val = {name: [(r["iter"], r["val_loss"]) for r in records(name) if "val_loss" in r]
-       for name in ("one", "two", "kill")}
+val = {name: vals(name) for name in ("one", "two", "kill")}
 summary["parity"] = {
     "step_1_rel_diff_1_vs_2_gpus": rel(two[1]["train_loss"], one[1]["train_loss"]),
     "max_rel_diff_steps_0_24": {"1_vs_2_gpus": max(rel(two[i]["train_loss"], one[i]["train_loss"])
@@ -71,14 +79,11 @@ summary["parity"] = {
 # kill: its first 34 steps and then the resume; parity2_two_b)
 summary["parity"]["runs"] = {
     name: {"gpus": 1 if "one" in name else 2,
-           "val_loss": [(r["iter"], r["val_loss"]) for r in records(name) if "val_loss" in r],
-           "mean_train_loss_40_49": statistics.mean(
-               {r["iter"]: r["train_loss"] for r in records(name) if "train_loss" in r}[i]
-               for i in range(40, 50))}
+           "val_loss": vals(name),
+           "mean_train_loss_40_49": statistics.mean(losses(name)[i] for i in range(40, 50))}
     for name in ("one", "parity2_one_gpu0", "parity2_one_gpu1", "two", "kill", "parity2_two_b")}
 # per-step mean |difference| / loss between two runs, within each side and across the sides
-curves = {name: {r["iter"]: r["train_loss"] for r in records(name) if "train_loss" in r}
-          for name in summary["parity"]["runs"]}
+curves = {name: losses(name) for name in summary["parity"]["runs"]}
 one_gpu = [n for n in curves if summary["parity"]["runs"][n]["gpus"] == 1]
 two_gpus = [n for n in curves if summary["parity"]["runs"][n]["gpus"] == 2]
 
@@ -106,6 +111,6 @@ print("| T | attention | GPUs | ms/step | tokens/s | per GPU | of linear | peak 
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in summary["scaling"]:
     print(f"| {r['T']} | {r['attention']} | {r['gpus']} | {r['ms_per_step']:.0f} | "
-          f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {100 * r['scaling']:.1f}% "
-          f"| {r['peak_mem_gib']:.1f} |")
+          f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+          f"{100 * r['scaling']:.1f}% | {r['peak_mem_gib']:.1f} |")
 print(json.dumps({k: summary[k] for k in ("parity", "resume")}, indent=1))

@@ -23,10 +23,10 @@ sys.path.insert(0, os.getcwd())
 import nsa_kernels as nk  # noqa: E402 (the repository root, above)
 
 DENSE = ("compressed", "window")
-ROW_TILES = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
-SETTINGS = {"fwd": list(itertools.product((1, 2, 4, 8), (1, 2, 3, 4))),
-            "blocks_fwd": list(itertools.product((64, 128), (4, 8), (2, 3, 4)))}
-SETTINGS["dq"], SETTINGS["dkdv"] = SETTINGS["fwd"], SETTINGS["blocks_fwd"]
+ROW_TILES = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))  # dense
+PER_POSITION = list(itertools.product((1, 2, 4, 8), (1, 2, 3, 4)))           # warps, stages
+BLOCKS = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))               # + rows
+SETTINGS = {"fwd": PER_POSITION, "dq": PER_POSITION, "blocks_fwd": BLOCKS, "dkdv": BLOCKS}
 ALL = [f"{b}.{k}" for b in DENSE for k in ("fwd", "dq", "dkdv")] + \
     [f"selected.{k}" for k in ("fwd", "dq", "blocks_fwd", "dkdv")]
 
@@ -34,7 +34,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--part", default="0/1")
 p.add_argument("--out", required=True)
 p.add_argument("--kernels", default=",".join(ALL), help=f"comma-separated, of {ALL}")
-p.add_argument("--cases", default="65536:16,65536:4,8192:16", help="T:G,... (GPU) ")
+p.add_argument("--cases", default="65536:16,65536:4,8192:16", help="T:G,...")
 args = p.parse_args()
 part, parts = map(int, args.part.split("/"))
 kernels = args.kernels.split(",")
