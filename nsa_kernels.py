@@ -1124,19 +1124,30 @@ def _tile_rows(G, rows):
 
 
 # Tiles of the dense kernels, per branch and kernel: query rows per tile (positions x heads, at
-# least the G heads of one position), keys per tile, warps, pipeline stages. Chosen by a sweep
-# at 64k (G = 16, 4) and 8k on the H200 (D = 128), benchmarks/dev/tiles.py ->
-# benchmarks/dense_tiles_h200_2026-11-29.jsonl. D > 128 keeps its earlier settings (registers):
-# at most 64 rows and 32 keys, 8 warps, 2 stages.
+# least the G heads of one position), keys per tile, warps, pipeline stages; an entry that
+# depends on the group size maps the smallest G it serves to its setting. Chosen by sweeps at 64k
+# (G = 16, 4) and 8k on the H200 (D = 128), benchmarks/dev/tiles.py ->
+# benchmarks/dense_tiles_h200_2026-11-29.jsonl and tiles_h200_2026-11-29b.jsonl: the compressed
+# dk/dv takes 10.3 ms at G = 4 with (128, 64, 8, 2) against 10.8 with (64, 64, 4, 2), and 37.3
+# against 34.9 at G = 16. D > 128 keeps its earlier settings (registers): at most 64 rows and 32
+# keys, 8 warps, 2 stages.
 DENSE_TILES = {
-    "compressed": {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkdv": (64, 64, 4, 2)},
+    "compressed": {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3),
+                   "dkdv": {1: (128, 64, 8, 2), 16: (64, 64, 4, 2)}},
     "window": {"fwd": (128, 32, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
 }
 
 
+def _for_group(setting, G):
+    """A DENSE_TILES or SLC_TILES entry at group size G: the setting, or {smallest G: setting}."""
+    if isinstance(setting, dict):
+        return setting[max(g for g in setting if g <= G)]
+    return setting
+
+
 def _dense_tiles(kernel, window, G, D):
     branch = "compressed" if window == _NO_WINDOW else "window"
-    rows, keys, warps, stages = DENSE_TILES[branch][kernel]
+    rows, keys, warps, stages = _for_group(DENSE_TILES[branch][kernel], G)
     if D > 128:
         rows, keys, warps, stages = min(rows, 64), min(keys, 32), 8, 2
     return _tile_rows(G, rows), keys, warps, stages
@@ -1203,15 +1214,20 @@ def _slc_tiles(G, select_block):
 # Launch settings of the selected-branch kernels: (warps, stages) of those that run one position
 # per program (from G = 16: the forward and dq), and (query rows, warps, stages) of those that
 # run one selection block's queries per program (the dk/dv, and below G = 16 the forward; for
-# D > 128 these get at least 8 warps). Not swept yet: benchmarks/dev/tiles.py sweeps them.
-SLC_TILES = {"fwd": (2, 2), "dq": (2, 2), "blocks_fwd": (64, 4, 2), "dkdv": (64, 4, 2)}
+# D > 128 these get at least 8 warps); by group size as in DENSE_TILES. Swept on the H200 at
+# 64k (G = 16, 4) and 8k (benchmarks/tiles_h200_2026-11-29b.jsonl): the G = 16 settings were
+# the fastest of 16 (forward, dq) and 12 (dk/dv) tried; at G = 4 the dk/dv takes 9.8 ms with
+# 128 rows and 8 warps against 11.6 with 64 rows and 4 warps.
+SLC_TILES = {"fwd": (2, 2), "dq": (2, 2), "blocks_fwd": (64, 4, 2),
+             "dkdv": {1: (128, 8, 2), 16: (64, 4, 2)}}
 
 
-def _slc_launch(kernel, D):
+def _slc_launch(kernel, G, D):
+    setting = _for_group(SLC_TILES[kernel], G)
     if kernel in ("blocks_fwd", "dkdv") and D > 128:
-        rows, warps, stages = SLC_TILES[kernel]
+        rows, warps, stages = setting
         return rows, max(warps, 8), stages
-    return SLC_TILES[kernel]
+    return setting
 
 
 def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
@@ -1224,7 +1240,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     if G >= SLC_BLOCK_ORDER_BELOW_G:
-        warps, stages = _slc_launch("fwd", D)
+        warps, stages = _slc_launch("fwd", G, D)
         _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
                                     SBLK=select_block, BS=BS, D=D, BG=BG,
                                     num_warps=warps, num_stages=stages)
@@ -1235,7 +1251,7 @@ def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
     q_list, seg_bin, seg_start, seg_end = inv
     o_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     lse_part = _alloc((B, T, HQ, n), torch.float32, q.device)
-    rows, warps, stages = _slc_launch("blocks_fwd", D)
+    rows, warps, stages = _slc_launch("blocks_fwd", G, D)
     BM = _tile_rows(G, rows)
     _slc_fwd_blocks_kernel[(seg_bin.numel(),)](
         q, k, v, idx, o_part, lse_part, q_list, seg_bin, seg_start, seg_end, T, G, BM // G, HQ,
@@ -1287,13 +1303,13 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
         dq_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     else:
         dq_part = dq  # not written
-        warps, stages = _slc_launch("dq", D)
+        warps, stages = _slc_launch("dq", G, D)
         _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
                                        scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
                                        BS=BS, D=D, BG=BG, num_warps=warps, num_stages=stages)
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = inv or _invert_selection(idx, n_blocks, _SLC_SEGMENT)
-    rows, warps, stages = _slc_launch("dkdv", D)
+    rows, warps, stages = _slc_launch("dkdv", G, D)
     BM = _tile_rows(G, rows)
     _slc_bwd_dkdv_kernel[(seg_bin.numel(),)](
         q, k, v, idx, do, lse, delta, dq_part, dk, dv, q_list, seg_bin, seg_start, seg_end,

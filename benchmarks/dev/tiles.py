@@ -11,6 +11,7 @@ settings, so its rows differ only by the swept kernel. Run from the repository r
         --kernels selected.fwd,selected.dq,selected.dkdv,compressed.dkdv
 """
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -127,7 +128,7 @@ def set_setting(kernel, setting):
         nk.DENSE_TILES[branch][name] = setting
 
 
-default = json.loads(json.dumps({"dense": nk.DENSE_TILES, "slc": nk.SLC_TILES}))
+default = copy.deepcopy({"dense": nk.DENSE_TILES, "slc": nk.SLC_TILES})
 data = {case: inputs(*case) for case in CASES}
 refs = {}
 with open(args.out, "w") as f:
@@ -138,8 +139,8 @@ with open(args.out, "w") as f:
             if not runs_at(kernel, G):
                 continue
             for b in DENSE:
-                nk.DENSE_TILES[b] = {k: tuple(v) for k, v in default["dense"][b].items()}
-            nk.SLC_TILES.update({k: tuple(v) for k, v in default["slc"].items()})
+                nk.DENSE_TILES[b] = copy.deepcopy(default["dense"][b])
+            nk.SLC_TILES.update(copy.deepcopy(default["slc"]))
             if (branch, T, G) not in refs:
                 refs[branch, T, G] = branch_fns(data[T, G], branch)[0]
             set_setting(kernel, setting)
