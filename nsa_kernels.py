@@ -1125,15 +1125,16 @@ def _tile_rows(G, rows):
 
 # Tiles of the dense kernels, per branch and kernel: query rows per tile (positions x heads, at
 # least the G heads of one position), keys per tile, warps, pipeline stages; an entry that
-# depends on the group size maps the smallest G it serves to its setting. Chosen by sweeps at 64k
-# (G = 16, 4) and 8k on the H200 (D = 128), benchmarks/dev/tiles.py ->
-# benchmarks/dense_tiles_h200_2026-11-29.jsonl and tiles_h200_2026-11-29b.jsonl: the compressed
-# dk/dv takes 10.3 ms at G = 4 with (128, 64, 8, 2) against 10.8 with (64, 64, 4, 2), and 37.3
-# against 34.9 at G = 16. D > 128 keeps its earlier settings (registers): at most 64 rows and 32
-# keys, 8 warps, 2 stages.
+# depends on the group size maps the smallest G it serves to its setting. Chosen by sweeps on the
+# H200 (D = 128; benchmarks/dev/tiles.py -> benchmarks/dense_tiles_h200_2026-11-29.jsonl,
+# tiles_h200_2026-11-29b.jsonl, group_tiles_h200_2026-11-29/). The compressed dk/dv at 64k: with
+# (128, 64, 8, 2) the branch's backward takes 10.3 ms at G = 4 against 10.8 with (64, 64, 4, 2),
+# and 37.3 against 34.9 at G = 16; its fwd+bwd 28.9 against 29.8 ms at G = 8, but 3.65 against
+# 3.49 at G = 1 (G = 2, 3 not measured). D > 128 keeps its earlier settings (registers): at most
+# 64 rows and 32 keys, 8 warps, 2 stages.
 DENSE_TILES = {
     "compressed": {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3),
-                   "dkdv": {1: (128, 64, 8, 2), 16: (64, 64, 4, 2)}},
+                   "dkdv": {1: (64, 64, 4, 2), 4: (128, 64, 8, 2), 16: (64, 64, 4, 2)}},
     "window": {"fwd": (128, 32, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
 }
 
@@ -1215,9 +1216,11 @@ def _slc_tiles(G, select_block):
 # per program (from G = 16: the forward and dq), and (query rows, warps, stages) of those that
 # run one selection block's queries per program (the dk/dv, and below G = 16 the forward; for
 # D > 128 these get at least 8 warps); by group size as in DENSE_TILES. Swept on the H200 at
-# 64k (G = 16, 4) and 8k (benchmarks/tiles_h200_2026-11-29b.jsonl): the G = 16 settings were
-# the fastest of 16 (forward, dq) and 12 (dk/dv) tried; at G = 4 the dk/dv takes 9.8 ms with
-# 128 rows and 8 warps against 11.6 with 64 rows and 4 warps.
+# 64k and 8k (benchmarks/tiles_h200_2026-11-29b.jsonl, group_tiles_h200_2026-11-29/): at G = 16
+# the settings below were the fastest of 16 (forward, dq) and 12 (dk/dv) tried. Below G = 16 the
+# dk/dv with 128 rows and 8 warps takes 4.08 / 9.8 / 17.2 ms at G = 1 / 4 / 8 against 4.28 /
+# 11.6 / 21.3 with 64 rows and 4 warps. The key-block forward keeps (64, 4, 2): the fastest of
+# 12 at G = 1; at G = 8, 4 stages took 11.4 ms against 11.9.
 SLC_TILES = {"fwd": (2, 2), "dq": (2, 2), "blocks_fwd": (64, 4, 2),
              "dkdv": {1: (128, 8, 2), 16: (64, 4, 2)}}
 
