@@ -38,6 +38,10 @@ passkey: documents of L tokens, the answer included, built by common.passkey_sam
     needle's rank says by how much: the place of the best key block in the order the selection
     takes (forced blocks first, then by score; selected iff rank <= n), the best over layers and
     KV heads, median over a cell's documents (per layer in the JSON).
+    Attention on the key (both attentions): the share of a head's attention at that query on the
+    key's tokens, the best over layers and heads, mean over a cell's documents (per layer in the
+    JSON). For NSA it counts the selected and window branches, each times its gate (eval.py's
+    key_attention): a needle that is selected but not attended to shows up there.
 Output: markdown tables on stdout; --json writes every number with the run provenance;
 --plot a figure (needs matplotlib).
 """
@@ -322,11 +326,12 @@ def activations(model, attention_inputs):
 @torch.no_grad()
 def score_passkey(model, docs, batch_size, device, autocast):
     """docs: rows of make_passkey_docs, all of one length. Returns (correct: bool [N],
-    first: the greedy first answer token [N], hits: bool [N, n_layer, H] selection hits and
-    ranks: int [N, n_layer, H] the needle's rank (needle_selection) for NSA, else None, None)."""
+    first: the greedy first answer token [N], on_key: [N, n_layer, HQ] attention on the key
+    (key_attention), hits: bool [N, n_layer, H] selection hits and ranks: int [N, n_layer, H]
+    the needle's rank (needle_selection) for NSA, else None, None)."""
     cfg = model.config
     nsa = cfg.attention == "nsa"
-    correct, first, hits, ranks = [], [], [], []
+    correct, first, on_key, hits, ranks = [], [], [], [], []
     for i in range(0, len(docs), batch_size):
         chunk = docs[i:i + batch_size]
         idx = torch.tensor([d[2] for d in chunk], device=device)                  # [b, L]
@@ -337,23 +342,62 @@ def score_passkey(model, docs, batch_size, device, autocast):
         valid = answer_start[:, None] + j < L                                     # [b, K]
         pos = torch.minimum(answer_start[:, None] - 1 + j, torch.tensor(L - 2, device=device))
         rows = torch.arange(b, device=device)[:, None]
-        with activations(model, nsa) as acts, autocast:
+        with activations(model, True) as acts, autocast:
             model(idx)
             pred = model.lm_head(acts["final"][rows, pos]).argmax(-1)            # [b, K]
+            on_key.append(key_attention(model, acts["attn"], chunk, answer_start - 1))
             if nsa:
                 hit, rank = needle_selection(model, acts["attn"], chunk, answer_start - 1)
                 hits.append(hit)
                 ranks.append(rank)
         correct.append(((pred == idx[rows, pos + 1]) | ~valid).all(-1).cpu())
         first.append(pred[:, 0].cpu())
+    correct, first, on_key = torch.cat(correct), torch.cat(first), torch.cat(on_key)
     if not nsa:
-        return torch.cat(correct), torch.cat(first), None, None
-    return torch.cat(correct), torch.cat(first), torch.cat(hits), torch.cat(ranks)
+        return correct, first, on_key, None, None
+    return correct, first, on_key, torch.cat(hits), torch.cat(ranks)
 
 
 def first_token_right(first, docs):
     """bool [N]: is score_passkey's greedy first answer token the answer's first token?"""
     return first == torch.tensor([d[2][d[4]] for d in docs])
+
+
+def key_attention(model, inputs, chunk, question_end):
+    """[b, n_layer, HQ]: the share of each query head's attention, at question_end (the
+    question's last token), that falls on the row's key tokens (both copies). Full attention: its
+    softmax. NSA: the selected and the window branch's softmax, each times its gate (g_slc p_slc +
+    g_win p_win); the compressed branch sees block summaries, not tokens, and is left out. This is
+    what a head can copy the key from: it tells a model that selects the needle and ignores it
+    from one that attends to it and still answers wrong."""
+    cfg = model.config
+    G = cfg.n_head // cfg.n_kv_head
+    out = torch.zeros(len(chunk), cfg.n_layer, cfg.n_head)
+    for t in question_end.unique().tolist():
+        sel_rows = (question_end == t).nonzero().flatten()
+        on_key = torch.zeros(len(sel_rows), 1, t + 1, dtype=torch.bool)
+        for r, row in enumerate(sel_rows.tolist()):
+            on_key[r, 0, chunk[row][3]] = True
+        for layer, x in inputs.items():
+            attn = model.transformer.h[layer].attn
+            j = torch.arange(t + 1, device=x.device)
+            q, k, _, _, _, gates = attn.project(x[sel_rows, :t + 1], j)
+            s = torch.einsum("bhd,bjhd->bhj", q[:, t].float(),
+                             k.float().repeat_interleave(G, 2)) * cfg.head_dim ** -0.5
+
+            def share(visible):                                    # visible: [r or 1, HQ, t+1]
+                p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).cpu()
+                return p.masked_fill(~on_key, 0.).sum(-1)                         # [r, HQ]
+
+            if cfg.attention == "full":
+                out[sel_rows.cpu(), layer] = share(torch.ones_like(s, dtype=torch.bool))
+                continue
+            selected, _ = attn.selection(x[sel_rows], t)                          # [r, H, NB]
+            in_selected = selected.repeat_interleave(G, 1)[..., j // cfg.select_block]
+            in_window = (j > t - cfg.window)[None, None, :]
+            out[sel_rows.cpu(), layer] = (gates[1][:, t].float().cpu() * share(in_selected)
+                                          + gates[2][:, t].float().cpu() * share(in_window))
+    return out
 
 
 def needle_selection(model, inputs, chunk, question_end):
@@ -391,6 +435,8 @@ def passkey_tables(result, lengths, depths, block_size):
     for key, title, scale in [
             ("accuracy", "exact match, %", 100), ("first_token",
                                                   "first answer token right (greedy), %", 100),
+            ("key_attention", "attention on the key's tokens at the question, % (best layer and "
+                              "head; NSA: selected + window branches, gated)", 100),
             ("recall", "NSA selection recall, %", 100),
             ("needle_rank", f"NSA needle rank (median; selected iff <= n = "
                             f"{result['model_args'].get('n_select')}), best layer and KV head",
@@ -468,16 +514,19 @@ def cmd_passkey(args):
         t0 = time.time()
         model = build_model(info, ckpt, dev, max(lengths))
         nsa = info["attention"] == "nsa"
-        acc, first_acc, recall, recall_layer, rank, rank_layer, examples, split = (
-            [] for _ in range(8))
+        acc, first_acc, key_att, key_att_layer, recall, recall_layer, rank, rank_layer, \
+            examples, split = ([] for _ in range(10))
         for length in lengths:
             rows = docs[length]
-            correct, first, hits, ranks = score_passkey(model, rows, args.batch_size, dev,
-                                                        autocast)
+            correct, first, on_key, hits, ranks = score_passkey(model, rows, args.batch_size,
+                                                                dev, autocast)
             by_depth = [[i for i, r in enumerate(rows) if r[0] == d] for d in range(len(depths))]
             acc.append([float(correct[ix].float().mean()) for ix in by_depth])
             first_ok = first_token_right(first, rows)
             first_acc.append([float(first_ok[ix].float().mean()) for ix in by_depth])
+            best_head = on_key.amax(2)                                            # [N, n_layer]
+            key_att.append([float(best_head[ix].amax(1).mean()) for ix in by_depth])
+            key_att_layer.append([round(v, 4) for v in best_head.mean(0).tolist()])
             if nsa:
                 recall.append([float(hits[ix].float().mean()) for ix in by_depth])
                 recall_layer.append([round(v, 4) for v in hits.float().mean(dim=(0, 2)).tolist()])
@@ -497,7 +546,9 @@ def cmd_passkey(args):
                   f"{100 * float(correct.float().mean()):.0f}% ({time.time() - t0:.1f}s)",
                   file=sys.stderr)
         results.append({**info, "lengths": lengths, "depths": depths, "accuracy": acc,
-                        "first_token": first_acc, "recall": recall if nsa else None,
+                        "first_token": first_acc, "key_attention": key_att,
+                        "key_attention_by_layer": key_att_layer,
+                        "recall": recall if nsa else None,
                         "recall_by_layer": recall_layer if nsa else None,
                         "needle_rank": rank if nsa else None,
                         "needle_rank_by_layer": rank_layer if nsa else None,

@@ -126,7 +126,8 @@ class StubModel(nn.Module):
 
     def __init__(self, predict, block_size=1024):
         super().__init__()
-        self.config = SimpleNamespace(attention="full", block_size=block_size, n_layer=0)
+        self.config = SimpleNamespace(attention="full", block_size=block_size, n_layer=0,
+                                      n_head=1, n_kv_head=1)
         self.transformer = nn.ModuleDict(dict(ln_f=nn.Identity(), h=nn.ModuleList()))
         self.lm_head = nn.Identity()
         self.predict = predict
@@ -231,11 +232,48 @@ def test_selection_recall_forced(n_select, depth, expected):
         if n_select == 3:
             assert (key_blocks <= forced) == (expected == 1.0)
             assert (not key_blocks & forced) == (expected == 0.0)
-    _, _, hits, ranks = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    _, _, _, hits, ranks = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
     assert hits.shape == ranks.shape == (2, TINY["n_layer"], TINY["n_kv_head"])
     assert hits.float().mean().item() == expected
     if depth in (0, 100):  # a forced block: among the first three of the selection's order
         assert (ranks <= 3).all()
+
+
+@pytest.mark.parametrize("attention", ["full", "nsa"])
+def test_key_attention(attention):
+    """Attention on the key: a head's softmax share on the key's tokens. With every token counted
+    as a key token it is the whole softmax (full: 1; NSA: g_slc + g_win, each branch's softmax
+    summing to 1); NSA gives exactly 0 where the key lies outside the selected blocks and the
+    window (n = 3 selects only forced blocks, the needle at 50% is 60+ tokens back, w = 16)."""
+    codec = WordCodec()
+    model = tiny_gpt(attention, seed=5)
+    rows = passkey_docs(codec, lengths=(128,), depths=(50,), samples=3, seed=6)[128]
+    _, _, on_key, *_ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    assert on_key.shape == (3, TINY["n_layer"], TINY["n_head"])
+    idx = torch.tensor([r[2] for r in rows])
+    question_end = torch.tensor([r[4] - 1 for r in rows])
+    with ev.activations(model, True) as acts:
+        model(idx)
+    assert torch.equal(on_key, ev.key_attention(model, acts["attn"], rows, question_end))
+    everything = [(*r[:3], list(range(r[4])), r[4]) for r in rows]
+    whole = ev.key_attention(model, acts["attn"], everything, question_end)
+    if attention == "full":
+        assert torch.allclose(whole, torch.ones_like(whole), atol=1e-5)
+        assert (on_key > 0).all() and (on_key < 1).all()
+        return
+    for layer in range(TINY["n_layer"]):
+        x = acts["attn"][layer]
+        for i, r in enumerate(rows):
+            t = r[4] - 1
+            *_, gates = model.transformer.h[layer].attn.project(x[i:i + 1, :t + 1],
+                                                               torch.arange(t + 1))
+            torch.testing.assert_close(whole[i, layer], gates[1][0, t] + gates[2][0, t])
+            # the layout the zero below assumes: key tokens before the window, not in block 0
+            # or the two local blocks (the only ones n = 3 selects)
+            assert max(r[3]) <= t - TINY["window"]
+            ls = TINY["select_block"]
+            assert not {p // ls for p in r[3]} & {0, t // ls, t // ls - 1}
+    assert (on_key == 0).all()
 
 
 def test_selection_hits_read_the_key_block():
@@ -244,7 +282,7 @@ def test_selection_hits_read_the_key_block():
     codec = WordCodec()
     model = tiny_gpt("nsa", n_select=5, seed=3)
     rows = passkey_docs(codec, lengths=(128,), depths=(30, 60), samples=2, seed=4)[128]
-    _, _, hits, ranks = ev.score_passkey(model, rows, 4, "cpu", nullcontext())
+    _, _, _, hits, ranks = ev.score_passkey(model, rows, 4, "cpu", nullcontext())
     assert torch.equal(hits, ranks <= 5)
     assert hits.any() and not hits.all()  # both cases occur
     idx = torch.tensor([r[2] for r in rows])
