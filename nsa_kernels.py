@@ -1215,12 +1215,13 @@ def _slc_tiles(G, select_block):
 # Launch settings of the selected-branch kernels: (warps, stages) of those that run one position
 # per program (from G = 16: the forward and dq), and (query rows, warps, stages) of those that
 # run one selection block's queries per program (the dk/dv, and below G = 16 the forward; for
-# D > 128 these get at least 8 warps); by group size as in DENSE_TILES. Swept on the H200 at
-# 64k and 8k (benchmarks/tiles_h200_2026-11-29b.jsonl, group_tiles_h200_2026-11-29/): at G = 16
-# the settings below were the fastest of 16 (forward, dq) and 12 (dk/dv) tried. Below G = 16 the
-# dk/dv with 128 rows and 8 warps takes 4.08 / 9.8 / 17.2 ms at G = 1 / 4 / 8 against 4.28 /
-# 11.6 / 21.3 with 64 rows and 4 warps. The key-block forward keeps (64, 4, 2): the fastest of
-# 12 at G = 1; at G = 8, 4 stages took 11.4 ms against 11.9.
+# D > 128 these get at most 64 rows and at least 8 warps); by group size as in DENSE_TILES.
+# Swept on the H200 at 64k and 8k (benchmarks/tiles_h200_2026-11-29b.jsonl,
+# group_tiles_h200_2026-11-29/): at G = 16 the settings below were the fastest of 16 (forward,
+# dq) and 12 (dk/dv) tried. Below G = 16 the dk/dv with 128 rows and 8 warps takes 4.08 / 9.8 /
+# 17.2 ms at G = 1 / 4 / 8 against 4.28 / 11.6 / 21.3 with 64 rows and 4 warps. The key-block
+# forward keeps (64, 4, 2): the fastest of 12 at G = 1; at G = 8, 4 stages took 11.4 ms
+# against 11.9.
 SLC_TILES = {"fwd": (2, 2), "dq": (2, 2), "blocks_fwd": (64, 4, 2),
              "dkdv": {1: (128, 8, 2), 16: (64, 4, 2)}}
 
@@ -1229,7 +1230,7 @@ def _slc_launch(kernel, G, D):
     setting = _for_group(SLC_TILES[kernel], G)
     if kernel in ("blocks_fwd", "dkdv") and D > 128:
         rows, warps, stages = setting
-        return rows, max(warps, 8), stages
+        return min(rows, 64), max(warps, 8), stages
     return setting
 
 
