@@ -513,9 +513,10 @@ first = events.index("layer 0 attention backward")
 grads = torch.cat([p.grad.flatten() for p in model.parameters()])
 others = [torch.empty_like(grads) for _ in range(2)]
 dist.all_gather(others, grads)
+# one write per line: the two ranks share the unbuffered stdout pipe
 print(f"rank {rank}: {events[:first].count('all-reduce')} of {events.count('all-reduce')} "
       f"all-reduces before layer 0's attention backward; grads equal: "
-      f"{torch.equal(others[0], others[1])}")
+      f"{torch.equal(others[0], others[1])}\\n", end="", flush=True)
 dist.destroy_process_group()
 """
 
@@ -532,7 +533,7 @@ def test_ddp_reduces_during_nsa_backward(tmp_path):
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     reports = re.findall(r"rank \d: (\d+) of (\d+) all-reduces before layer 0's attention "
-                         r"backward; grads equal: (\w+)", p.stdout)
+                         r"backward; grads equal: (True|False)", p.stdout)
     assert len(reports) == 2, p.stdout
     for before, total, equal in reports:
         assert 0 < int(before) < int(total) and equal == "True", p.stdout
