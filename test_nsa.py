@@ -500,3 +500,17 @@ def test_kernels_bad_inputs_raise():
                       select_block=32, n_select=4)
     with pytest.raises(ValueError, match="block_stride"):
         nk.nsa_attention(q, k, v, kc, vc, *g, **dict(SMALL, block_stride=5))
+
+
+def test_tile_tables_resolve_at_every_group_size():
+    """DENSE_TILES / SLC_TILES entries keyed by group size give the setting of the largest key
+    <= G, and every entry resolves for every G (a table without key 1 would fail at G = 1)."""
+    entry = {1: "a", 4: "b", 16: "c"}
+    assert [nk._for_group(entry, G) for G in (1, 3, 4, 15, 16, 64)] == list("aabbcc")
+    assert nk._for_group((64, 4, 2), 7) == (64, 4, 2)
+    for G in range(1, 65):
+        for branch in nk.DENSE_TILES.values():
+            for setting in branch.values():
+                assert len(nk._for_group(setting, G)) == 4
+        for name, setting in nk.SLC_TILES.items():
+            assert len(nk._for_group(setting, G)) == (2 if name in ("fwd", "dq") else 3)
