@@ -510,10 +510,16 @@ def selected_loads(B, T, HQ, H, D, hp):
                                                      num_warps=2, num_stages=2)
     res = measure(run)
     gb = nsa_key_counts(T, **hp)["selected"] * B * H * D * 2 * k.element_size() / 1e9
-    now, prev = idx[:, 1:], idx[:, :-1]
-    shared = ((now[..., :, None] == prev[..., None, :]).any(-1) & (now >= 0)).sum()
-    return dict(res, gb=gb, tb_per_s=gb / res["ms"], neighbour_share=(
-        shared / (now >= 0).sum().clamp_min(1)).item())
+    return dict(res, gb=gb, tb_per_s=gb / res["ms"], neighbour_share=neighbour_share(idx))
+
+
+def neighbour_share(idx, stride=1, counted=None):
+    """Of the blocks selected by position t (idx [B, T, H, n], -1: none; only those where
+    counted, a bool of idx's shape), the share that position t - stride selected too."""
+    now, prev = idx[:, stride:], idx[:, :-stride]
+    counted = (now >= 0) if counted is None else counted[:, stride:]
+    hit = (now[..., :, None] == prev[..., None, :]).any(-1)
+    return ((hit & counted).sum() / counted.sum().clamp_min(1)).item()
 
 
 # ----------------------------------------------------------------------------- modes

@@ -41,7 +41,7 @@ passkey: documents of L tokens, the answer included, built by common.passkey_sam
     Attention on the key (both attentions): the share of a head's attention at that query on the
     key's tokens, the best over layers and heads, mean over a cell's documents (per layer in the
     JSON). For NSA it counts the selected and window branches, each times its gate (eval.py's
-    key_attention): a needle that is selected but not attended to shows up there.
+    question_attention): a needle that is selected but not attended to shows up there.
 Output: markdown tables on stdout; --json writes every number with the run provenance;
 --plot a figure (needs matplotlib).
 """
@@ -326,9 +326,9 @@ def activations(model, attention_inputs):
 @torch.no_grad()
 def score_passkey(model, docs, batch_size, device, autocast):
     """docs: rows of make_passkey_docs, all of one length. Returns (correct: bool [N],
-    first: the greedy first answer token [N], on_key: [N, n_layer, HQ] attention on the key
-    (key_attention), hits: bool [N, n_layer, H] selection hits and ranks: int [N, n_layer, H]
-    the needle's rank (needle_selection) for NSA, else None, None)."""
+    first: the greedy first answer token [N], and question_attention's on_key [N, n_layer, HQ]
+    (attention on the key), hits and ranks [N, n_layer, H] (NSA's selection; None, None for
+    full attention))."""
     cfg = model.config
     nsa = cfg.attention == "nsa"
     correct, first, on_key, hits, ranks = [], [], [], [], []
@@ -345,9 +345,9 @@ def score_passkey(model, docs, batch_size, device, autocast):
         with activations(model, True) as acts, autocast:
             model(idx)
             pred = model.lm_head(acts["final"][rows, pos]).argmax(-1)            # [b, K]
-            on_key.append(key_attention(model, acts["attn"], chunk, answer_start - 1))
+            on, hit, rank = question_attention(model, acts["attn"], chunk, answer_start - 1)
+            on_key.append(on)
             if nsa:
-                hit, rank = needle_selection(model, acts["attn"], chunk, answer_start - 1)
                 hits.append(hit)
                 ranks.append(rank)
         correct.append(((pred == idx[rows, pos + 1]) | ~valid).all(-1).cpu())
@@ -363,21 +363,35 @@ def first_token_right(first, docs):
     return first == torch.tensor([d[2][d[4]] for d in docs])
 
 
-def key_attention(model, inputs, chunk, question_end):
-    """[b, n_layer, HQ]: the share of each query head's attention, at question_end (the
-    question's last token), that falls on the row's key tokens (both copies). Full attention: its
-    softmax. NSA: the selected and the window branch's softmax, each times its gate (g_slc p_slc +
-    g_win p_win); the compressed branch sees block summaries, not tokens, and is left out. This is
-    what a head can copy the key from: it tells a model that selects the needle and ignores it
-    from one that attends to it and still answers wrong."""
+def question_attention(model, inputs, chunk, question_end):
+    """What each layer does at question_end (the question's last token, the query that predicts
+    the answer), from its input x (inputs: {layer: x}). Returns (on_key [b, n_layer, HQ], hits
+    bool [b, n_layer, H], ranks int [b, n_layer, H]); hits and ranks are None for full attention.
+    - on_key: the share of each query head's attention that falls on the row's key tokens (both
+      copies). Full attention: its softmax. NSA: the selected and the window branch's softmax,
+      each times its gate (g_slc p_slc + g_win p_win); the compressed branch sees block
+      summaries, not tokens, and is left out. This is what a head can copy the key from: it
+      tells a model that selects the needle and ignores it from one that attends to it and
+      still answers wrong.
+    - hits: does KV head h select a block holding one of the row's key tokens; ranks: the best
+      such block's rank in the selection's order (forced blocks first, then by score; 1 = first).
+      The selection is Attention.selection's (the PyTorch reference)."""
     cfg = model.config
-    G = cfg.n_head // cfg.n_kv_head
-    out = torch.zeros(len(chunk), cfg.n_layer, cfg.n_head)
+    nsa = cfg.attention == "nsa"
+    b, G = len(chunk), cfg.n_head // cfg.n_kv_head
+    on_key = torch.zeros(b, cfg.n_layer, cfg.n_head)
+    hits = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.bool)
+    ranks = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.long)
     for t in question_end.unique().tolist():
         sel_rows = (question_end == t).nonzero().flatten()
-        on_key = torch.zeros(len(sel_rows), 1, t + 1, dtype=torch.bool)
-        for r, row in enumerate(sel_rows.tolist()):
-            on_key[r, 0, chunk[row][3]] = True
+        rows = sel_rows.cpu()
+        key_tokens = torch.zeros(len(rows), 1, t + 1, dtype=torch.bool)
+        for r, row in enumerate(rows.tolist()):
+            key_tokens[r, 0, chunk[row][3]] = True
+        if nsa:  # the selection blocks that hold a key token [r, NB]
+            ls = cfg.select_block
+            key_blocks = torch.zeros(len(rows), t // ls + 1).index_add_(
+                1, torch.arange(t + 1) // ls, key_tokens[:, 0].float()) > 0
         for layer, x in inputs.items():
             attn = model.transformer.h[layer].attn
             j = torch.arange(t + 1, device=x.device)
@@ -387,40 +401,21 @@ def key_attention(model, inputs, chunk, question_end):
 
             def share(visible):                                    # visible: [r or 1, HQ, t+1]
                 p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).cpu()
-                return p.masked_fill(~on_key, 0.).sum(-1)                         # [r, HQ]
+                return p.masked_fill(~key_tokens, 0.).sum(-1)                     # [r, HQ]
 
-            if cfg.attention == "full":
-                out[sel_rows.cpu(), layer] = share(torch.ones_like(s, dtype=torch.bool))
+            if not nsa:
+                on_key[rows, layer] = share(torch.ones_like(s, dtype=torch.bool))
                 continue
-            selected, _ = attn.selection(x[sel_rows], t)                          # [r, H, NB]
-            in_selected = selected.repeat_interleave(G, 1)[..., j // cfg.select_block]
+            selected, score = attn.selection(x[sel_rows], t)                      # [r, H, NB]
+            in_selected = selected.repeat_interleave(G, 1)[..., j // ls]
             in_window = (j > t - cfg.window)[None, None, :]
-            out[sel_rows.cpu(), layer] = (gates[1][:, t].float().cpu() * share(in_selected)
-                                          + gates[2][:, t].float().cpu() * share(in_window))
-    return out
-
-
-def needle_selection(model, inputs, chunk, question_end):
-    """(hits: bool [b, n_layer, H], ranks: int [b, n_layer, H]): does KV head h of layer l
-    select, for the query at question_end (the question's last token), a block holding one of
-    the row's key tokens; and the best such block's rank in the selection's order (forced blocks
-    first, then by score; 1 = first)."""
-    cfg = model.config
-    b, ls = len(chunk), cfg.select_block
-    hits = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.bool)
-    ranks = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.long)
-    for t in question_end.unique().tolist():
-        sel_rows = (question_end == t).nonzero().flatten()
-        key_blocks = torch.zeros(len(sel_rows), t // ls + 1, dtype=torch.bool)
-        for r, row in enumerate(sel_rows.tolist()):
-            key_blocks[r, [p // ls for p in chunk[row][3]]] = True
-        for layer, x in inputs.items():
-            selected, score = model.transformer.h[layer].attn.selection(x[sel_rows], t)
+            on_key[rows, layer] = (gates[1][:, t].float().cpu() * share(in_selected)
+                                   + gates[2][:, t].float().cpu() * share(in_window))
             order = nk.selection_order(score.float().cpu(), torch.tensor(t), ls)  # [r, H, NB]
             best = order.masked_fill(~key_blocks[:, None, :], float("-inf")).amax(-1)
-            hits[sel_rows.cpu(), layer] = (selected.cpu() & key_blocks[:, None, :]).any(-1)
-            ranks[sel_rows.cpu(), layer] = 1 + (order > best[..., None]).sum(-1)
-    return hits, ranks
+            hits[rows, layer] = (selected.cpu() & key_blocks[:, None, :]).any(-1)
+            ranks[rows, layer] = 1 + (order > best[..., None]).sum(-1)
+    return (on_key, hits, ranks) if nsa else (on_key, None, None)
 
 
 def decode(enc, ids):

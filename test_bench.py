@@ -231,3 +231,13 @@ def test_peers_without_fla_print_one_line(capsys):
         assert capsys.readouterr().out.startswith("--peers: fla is not importable")
         return
     assert bench.fla_kernel() is parallel_nsa
+
+
+def test_neighbour_share():
+    """Of each position's selected blocks, the share the previous (or stride-back) position also
+    selected: -1 entries do not count, and `counted` restricts which blocks count."""
+    idx = torch.tensor([[0, 1, -1], [0, 2, 1], [3, 2, -1]])[None, :, None, :]   # [1, T=3, 1, 3]
+    # t=1 shares 0, 1 of its 0, 2, 1; t=2 shares 2 of its 3, 2
+    assert bench.neighbour_share(idx) == pytest.approx(3 / 5)
+    assert bench.neighbour_share(idx, stride=2) == 0.0  # t=2 against t=0: none of 3, 2
+    assert bench.neighbour_share(idx, counted=idx > 0) == pytest.approx(2 / 4)

@@ -254,9 +254,9 @@ def test_key_attention(attention):
     question_end = torch.tensor([r[4] - 1 for r in rows])
     with ev.activations(model, True) as acts:
         model(idx)
-    assert torch.equal(on_key, ev.key_attention(model, acts["attn"], rows, question_end))
+    assert torch.equal(on_key, ev.question_attention(model, acts["attn"], rows, question_end)[0])
     everything = [(*r[:3], list(range(r[4])), r[4]) for r in rows]
-    whole = ev.key_attention(model, acts["attn"], everything, question_end)
+    whole = ev.question_attention(model, acts["attn"], everything, question_end)[0]
     if attention == "full":
         assert torch.allclose(whole, torch.ones_like(whole), atol=1e-5)
         assert (on_key > 0).all() and (on_key < 1).all()

@@ -10,7 +10,7 @@ the blocks chosen by score (not block 0 or the two local blocks, which every pos
     python benchmarks/dev/neighbour_share.py --out_dir=out-passkey-nsa-1337 --json share.json
     TRITON_INTERPRET=1 python benchmarks/dev/neighbour_share.py --out_dir=out --device=cpu
 
-The selection is the kernels' (nsa_kernels._select, run under the interpreter on a CPU).
+The selection is the kernels' (nsa_kernels.nsa_select, under the interpreter on a CPU).
 """
 import argparse
 import json
@@ -22,7 +22,9 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 import common  # noqa: E402 (the repository root, above)
+import eval as ev  # noqa: E402
 import nsa_kernels as nk  # noqa: E402
+from bench import neighbour_share  # noqa: E402
 
 STRIDES = (1, 2, 4, 8)
 
@@ -39,45 +41,33 @@ cfg = model.config
 if cfg.attention != "nsa":
     sys.exit(f"{args.out_dir} is a {cfg.attention} attention run: nothing is selected")
 config = ckpt.get("config") or {}
-data = np.memmap(os.path.join(args.data_dir or config.get("data_dir", "data"),
-                              config["dataset"], "val.bin"), dtype=np.uint16, mode="r")
+data = ev.read_split(args.data_dir or config.get("data_dir", "data"), config["dataset"], "val")
 T = min(cfg.block_size, len(data))
 starts = torch.linspace(0, len(data) - T, args.windows).long().tolist()
 idx = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64)) for s in starts])
-
-inputs = {}
-hooks = [block.attn.register_forward_pre_hook(
-    lambda module, inp, i=i: inputs.__setitem__(i, inp[0])) for i, block in
-    enumerate(model.transformer.h)]
 dev = torch.device(args.device)
-with torch.no_grad(), common.autocast(dev, "bfloat16" if dev.type == "cuda" else "float32"):
-    model(idx.to(args.device))
-    rows = []
-    for layer, x in sorted(inputs.items()):
+hp = dict(block_len=cfg.block_len, block_stride=cfg.block_stride)
+rows = []
+with torch.no_grad(), common.autocast(dev, "bfloat16" if dev.type == "cuda" else "float32"), \
+        ev.activations(model, True) as acts:
+    model(idx.to(dev))
+    for layer, x in sorted(acts["attn"].items()):
         attn = model.transformer.h[layer].attn
         q, _, _, k_raw, v_raw, _ = attn.project(x, torch.arange(T, device=x.device))
         k_cmp, v_cmp = attn.compress(k_raw, v_raw)
-        scale = cfg.head_dim ** -0.5
-        _, lse = nk._dense_fwd(q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(),
-                               *nk._cmp_geometry(cfg.block_len, cfg.block_stride), scale)
-        sel = nk._select(q.contiguous(), k_cmp.contiguous(), lse, cfg.block_len,
-                         cfg.block_stride, cfg.select_block, cfg.n_select, scale)  # [B,T,H,n]
+        _, lse = nk.compressed_attention(q, k_cmp, v_cmp, **hp)
+        sel = nk.nsa_select(q, k_cmp, lse, select_block=cfg.select_block,
+                            n_select=cfg.n_select, **hp)                       # [B, T, H, n]
         # the forced blocks (block 0 and the two local ones) are shared by construction: the
         # share among the free choices says whether neighbours agree where the scores decide
         cur = (torch.arange(T, device=sel.device) // cfg.select_block)[None, :, None, None]
         free = (sel >= 0) & (sel != 0) & (sel != cur) & (sel != cur - 1)
-        share, share_free = {}, {}
-        for s in STRIDES:
-            now, prev = sel[:, s:], sel[:, :-s]
-            hit = (now[..., :, None] == prev[..., None, :]).any(-1)
-            share[s] = ((hit & (now >= 0)).sum() / (now >= 0).sum().clamp_min(1)).item()
-            share_free[s] = ((hit & free[:, s:]).sum() / free[:, s:].sum().clamp_min(1)).item()
+        share = {s: neighbour_share(sel, s) for s in STRIDES}
+        share_free = {s: neighbour_share(sel, s, free) for s in STRIDES}
         rows.append({"layer": layer, "share": share, "share_of_free_choices": share_free})
         print(f"layer {layer}: " + ", ".join(f"stride {s}: {100 * share[s]:.0f}% "
                                              f"({100 * share_free[s]:.0f}% of free choices)"
                                              for s in STRIDES))
-for h in hooks:
-    h.remove()
 if args.json:
     record = {"out_dir": args.out_dir, "iter_num": ckpt.get("iter_num"), "T": T,
               "windows": starts, "rows": rows, "environment": common.environment()}
