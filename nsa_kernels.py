@@ -433,14 +433,14 @@ def _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v, MASKED: tl.constexp
 
 
 @triton.jit
-def _store_dq(dq, b_dq, p_row, m_row, scale, ACCUM: tl.constexpr, D: tl.constexpr):
-    """dq (fp32) = b_dq * scale, added to what an earlier branch wrote there if ACCUM."""
+def _store_dq(dq, dq_out, b_dq, p_row, m_row, scale, ACCUM: tl.constexpr, D: tl.constexpr):
+    """dq_out = b_dq * scale, plus what earlier branches wrote to the fp32 dq if ACCUM. dq_out
+    is dq itself, or (for the last branch) the gradient in q's dtype, which saves a pass."""
     b_dq = b_dq * scale
-    o_d = tl.arange(0, D)
-    p_dq = dq + p_row[:, None] * D + o_d[None, :]
+    o_dq = p_row[:, None] * D + tl.arange(0, D)[None, :]
     if ACCUM:
-        b_dq += tl.load(p_dq, mask=m_row[:, None], other=0.)
-    tl.store(p_dq, b_dq, mask=m_row[:, None])
+        b_dq += tl.load(dq + o_dq, mask=m_row[:, None], other=0.)
+    tl.store(dq_out + o_dq, b_dq.to(dq_out.dtype.element_ty), mask=m_row[:, None])
 
 
 @triton.jit
@@ -575,7 +575,7 @@ def _dense_bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, TK, G, BT, HQ, H, scale
     for i_k in range(k_hi, n_tiles):
         b_dq = _dense_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, k, v, i_start + i_k * BN, i_end,
                               t, i_b, i_h, TK, H, scale_log2, KSTRIDE, KOFF, W, True, D, BN)
-    _store_dq(dq, b_dq, p_row, m_r, scale, ACCUM, D)
+    _store_dq(dq, dq, b_dq, p_row, m_r, scale, ACCUM, D)
 
 
 @triton.jit
@@ -951,7 +951,7 @@ def _slc_merge_kernel(o_part, lse_part, o, lse, T, G, HQ, H, NSEL, SBLK: tl.cons
 
 
 @triton.jit
-def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2, scale, NSEL,
+def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, scale_log2, scale, NSEL,
                        ACCUM: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
                        D: tl.constexpr, BG: tl.constexpr):
     """dq of the selected branch; one program per (position, KV head) as in the forward, so
@@ -976,7 +976,7 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, T, G, HQ, H, scale_log2
         b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
         b_dq = _dq_step(b_dq, b_s, m_k[None, :], b_lse, b_do, b_delta, b_k, b_v, True)
-    _store_dq(dq, b_dq, p_row, m_g, scale, ACCUM, D)
+    _store_dq(dq, dq_out, b_dq, p_row, m_g, scale, ACCUM, D)
 
 
 @triton.jit
@@ -1014,10 +1014,10 @@ def _slc_bwd_dkdv_kernel(q, k, v, idx, do, lse, delta, dq_part, dk, dv, q_list, 
 
 
 @triton.jit
-def _slc_dq_merge_kernel(dq_part, dq, T, HQ, NSEL, N_ROWS, ACCUM: tl.constexpr,
+def _slc_dq_merge_kernel(dq_part, dq, dq_out, T, HQ, NSEL, N_ROWS, ACCUM: tl.constexpr,
                          SBLK: tl.constexpr, D: tl.constexpr, BR: tl.constexpr):
-    """dq (fp32) of BR query rows = the sum of their pieces from _slc_bwd_dkdv_kernel,
-    added to what an earlier branch wrote there if ACCUM."""
+    """dq_out of BR query rows = the sum of their pieces from _slc_bwd_dkdv_kernel, plus
+    what earlier branches wrote to the fp32 dq if ACCUM (as _store_dq)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < N_ROWS
     n_eligible = tl.minimum(NSEL, (o_r // HQ) % T // SBLK + 1)                 # [BR]
@@ -1030,7 +1030,8 @@ def _slc_dq_merge_kernel(dq_part, dq, T, HQ, NSEL, N_ROWS, ACCUM: tl.constexpr,
         m_n = m_r & (i_n < n_eligible)
         b_dq += tl.load(dq_part + (o_r * NSEL + i_n)[:, None] * D + o_d[None, :],
                         mask=m_n[:, None], other=0.).to(tl.float32)
-    tl.store(p_dq, b_dq, mask=m_r[:, None])
+    tl.store(dq_out + o_r[:, None] * D + o_d[None, :], b_dq.to(dq_out.dtype.element_ty),
+             mask=m_r[:, None])
 
 
 @triton.jit
@@ -1173,7 +1174,8 @@ def _dense_fwd(q, k, v, kstride, koff, window, scale):
 
 
 def _dense_bwd(q, k, v, do, lse, delta, dq, accum, kstride, koff, window, scale):
-    """Backward of _dense_fwd. Writes (accum: adds) the fp32 dq; returns fp32 dk, dv."""
+    """Backward of _dense_fwd. Writes dq (accum: adds to the fp32 dq; else dq may be in q's
+    dtype); returns fp32 dk, dv."""
     B, T, HQ, D = q.shape
     TK, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -1278,7 +1280,12 @@ def _invert_selection(idx, n_blocks, segment):
     h = torch.arange(H, device=dev)[None, None, :, None]
     t = torch.arange(T, device=dev)[None, :, None, None]
     bins = torch.where(idx >= 0, (b * H + h) * n_blocks + idx.long(), n_bins)   # [B, T, H, n]
-    key = torch.sort((bins * T + t).flatten()).values
+    key = (bins * T + t).flatten()
+    # int32 keys where they fit (up to 2^31 / T bins; B = 1, H = 4 at 64k uses 1/8 of that):
+    # the radix sort then makes half the passes
+    if (n_bins + 1) * T <= torch.iinfo(torch.int32).max:
+        key = key.int()
+    key = torch.sort(key).values.long()
     q_list = (key % T).to(torch.int32)
     offsets = torch.searchsorted(key // T, torch.arange(n_bins + 1, device=dev))  # [bins + 1]
     n_seg = (offsets[1:] - offsets[:-1] + segment - 1) // segment
@@ -1295,9 +1302,11 @@ def _invert_selection(idx, n_blocks, segment):
             torch.where(valid, end, zero).to(torch.int32))
 
 
-def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block, scale):
-    """Backward of _slc_fwd: writes (accum: adds) the fp32 dq; adds into the fp32 dk, dv. inv:
-    the forward's inverted selection, or () to build it here."""
+def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block, scale,
+             dq_out=None):
+    """Backward of _slc_fwd: writes its dq (accum: plus the fp32 dq) to dq_out (default: dq);
+    adds into the fp32 dk, dv. inv: the forward's inverted selection, or () to build it here."""
+    dq_out = dq if dq_out is None else dq_out
     B, T, HQ, D = q.shape
     H, n = k.shape[2], idx.shape[-1]
     G = HQ // H
@@ -1308,7 +1317,7 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
     else:
         dq_part = dq  # not written
         warps, stages = _slc_launch("dq", G, D)
-        _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, T, G, HQ, H,
+        _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H,
                                        scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
                                        BS=BS, D=D, BG=BG, num_warps=warps, num_stages=stages)
     n_blocks = triton.cdiv(T, select_block)
@@ -1323,7 +1332,7 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
     if dq_pieces:
         BR = 256 if _INTERPRET else 32
         _slc_dq_merge_kernel[(triton.cdiv(dq.numel() // D, BR),)](
-            dq_part, dq, T, HQ, n, dq.numel() // D, ACCUM=accum, SBLK=select_block, D=D, BR=BR,
+            dq_part, dq, dq_out, T, HQ, n, dq.numel() // D, ACCUM=accum, SBLK=select_block, D=D, BR=BR,
             num_warps=4)
 
 
@@ -1460,8 +1469,11 @@ class _NSAFunction(torch.autograd.Function):
         dk_cmp, dv_cmp = _dense_bwd(q, k_cmp, v_cmp, do, lg_cmp, dg[0], dq, False,
                                     *_cmp_geometry(block_len, block_stride), scale)
         dk, dv = _dense_bwd(q, k, v, do, lg_win, dg[2], dq, True, 1, 0, window, scale)
-        _slc_bwd(q, k, v, idx, inv, do, lg_slc, dg[1], dq, True, dk, dv, select_block, scale)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype),
+        # the last branch adds its share and writes dq in q's dtype (no separate cast)
+        dq_out = dq if q.dtype == torch.float32 else _alloc(q.shape, q.dtype, q.device)
+        _slc_bwd(q, k, v, idx, inv, do, lg_slc, dg[1], dq, True, dk, dv, select_block, scale,
+                 dq_out)
+        return (dq_out, dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype),
                 dv_cmp.to(v_cmp.dtype), dg[0].to(g_cmp.dtype), dg[1].to(g_slc.dtype),
                 dg[2].to(g_win.dtype), None, None, None, None, None, None)
 
@@ -1484,9 +1496,9 @@ class _DenseFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = do.contiguous()
-        dq = _alloc(q.shape, torch.float32, q.device)
+        dq = _alloc(q.shape, q.dtype, q.device)      # no accumulation: written in q's dtype
         dk, dv = _dense_bwd(q, k, v, do, lse, _delta(do, o), dq, False, *ctx.cfg)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 class _SlcFunction(torch.autograd.Function):
@@ -1503,12 +1515,12 @@ class _SlcFunction(torch.autograd.Function):
         q, k, v, idx, o, lse, *inv = ctx.saved_tensors
         select_block, scale = ctx.cfg
         do = do.contiguous()
-        dq = _alloc(q.shape, torch.float32, q.device)
+        dq = _alloc(q.shape, q.dtype, q.device)      # no accumulation: written in q's dtype
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         _slc_bwd(q, k, v, idx, inv, do, lse, _delta(do, o), dq, False, dk, dv, select_block,
                  scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def _default_scale(q, scale):
