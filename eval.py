@@ -369,10 +369,12 @@ def question_attention(model, inputs, chunk, question_end):
     bool [b, n_layer, H], ranks int [b, n_layer, H]); hits and ranks are None for full attention.
     - on_key: the share of each query head's attention that falls on the row's key tokens (both
       copies). Full attention: its softmax. NSA: the selected and the window branch's softmax,
-      each times its gate (g_slc p_slc + g_win p_win); the compressed branch sees block
-      summaries, not tokens, and is left out. This is what a head can copy the key from: it
-      tells a model that selects the needle and ignores it from one that attends to it and
-      still answers wrong.
+      each times its gate, over the sum of the three gates: (g_slc p_slc + g_win p_win) /
+      (g_cmp + g_slc + g_win), the share of the head's gated output that comes from key tokens
+      (the compressed branch sees block summaries, not tokens, and counts as off the key), on
+      full attention's 0-1 scale. This is what a head can copy the key from: it tells a model
+      that selects the needle and ignores it from one that attends to it and still answers
+      wrong.
     - hits: does KV head h select a block holding one of the row's key tokens; ranks: the best
       such block's rank in the selection's order (forced blocks first, then by score; 1 = first).
       The selection is Attention.selection's (the PyTorch reference)."""
@@ -409,8 +411,9 @@ def question_attention(model, inputs, chunk, question_end):
             selected, score = attn.selection(x[sel_rows], t)                      # [r, H, NB]
             in_selected = selected.repeat_interleave(G, 1)[..., j // ls]
             in_window = (j > t - cfg.window)[None, None, :]
-            on_key[rows, layer] = (gates[1][:, t].float().cpu() * share(in_selected)
-                                   + gates[2][:, t].float().cpu() * share(in_window))
+            g_cmp, g_slc, g_win = (g[:, t].float().cpu() for g in gates)         # [r, HQ]
+            on_key[rows, layer] = ((g_slc * share(in_selected) + g_win * share(in_window))
+                                   / (g_cmp + g_slc + g_win))
             order = nk.selection_order(score.float().cpu(), torch.tensor(t), ls)  # [r, H, NB]
             best = order.masked_fill(~key_blocks[:, None, :], float("-inf")).amax(-1)
             hits[rows, layer] = (selected.cpu() & key_blocks[:, None, :]).any(-1)
@@ -431,7 +434,8 @@ def passkey_tables(result, lengths, depths, block_size):
             ("accuracy", "exact match, %", 100), ("first_token",
                                                   "first answer token right (greedy), %", 100),
             ("key_attention", "attention on the key's tokens at the question, % (best layer and "
-                              "head; NSA: selected + window branches, gated)", 100),
+                              "head; NSA: selected + window branches, each times its "
+                              "gate, over the sum of the gates)", 100),
             ("recall", "NSA selection recall, %", 100),
             ("needle_rank", f"NSA needle rank (median; selected iff <= n = "
                             f"{result['model_args'].get('n_select')}), best layer and KV head",

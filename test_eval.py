@@ -242,8 +242,8 @@ def test_selection_recall_forced(n_select, depth, expected):
 @pytest.mark.parametrize("attention", ["full", "nsa"])
 def test_key_attention(attention):
     """Attention on the key: a head's softmax share on the key's tokens. With every token counted
-    as a key token it is the whole softmax (full: 1; NSA: g_slc + g_win, each branch's softmax
-    summing to 1); NSA gives exactly 0 where the key lies outside the selected blocks and the
+    as a key token it is the whole softmax (full: 1; NSA: (g_slc + g_win) / (g_cmp + g_slc +
+    g_win), each branch's softmax summing to 1); NSA gives exactly 0 where the key lies outside the selected blocks and the
     window (n = 3 selects only forced blocks, the needle at 50% is 60+ tokens back, w = 16)."""
     codec = WordCodec()
     model = tiny_gpt(attention, seed=5)
@@ -267,7 +267,8 @@ def test_key_attention(attention):
             t = r[4] - 1
             *_, gates = model.transformer.h[layer].attn.project(x[i:i + 1, :t + 1],
                                                                torch.arange(t + 1))
-            torch.testing.assert_close(whole[i, layer], gates[1][0, t] + gates[2][0, t])
+            g_cmp, g_slc, g_win = (g[0, t].float() for g in gates)
+            torch.testing.assert_close(whole[i, layer], (g_slc + g_win) / (g_cmp + g_slc + g_win))
             # the layout the zero below assumes: key tokens before the window, not in block 0
             # or the two local blocks (the only ones n = 3 selects)
             assert max(r[3]) <= t - TINY["window"]
