@@ -1,7 +1,7 @@
 #!/bin/bash
 # session 12, call 1: bf16 kernel tests of the dq-out + int32-sort branch, then bench.py kernel
-# .devrun/nk_main.py was `git show d1a499d:nsa_kernels.py`; .devrun travelled with the tree (run carry).
 # A/B at 64k against main's nsa_kernels.py (.devrun/nk_main.py), G = 1 and 16, and G = 2, 4 new.
+# .devrun/nk_main.py was `git show d1a499d:nsa_kernels.py`; .devrun travelled with the tree (run carry).
 export PYTHONUNBUFFERED=1; mkdir -p c1; start=$(date +%s); END=${END:-570}
 left() { echo $(( END - ($(date +%s) - start) )); }
 stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a c1/timeline.txt; }

@@ -1,10 +1,10 @@
 #!/bin/bash
 # session 12, call 2 (issue 12): recipe 5 (recipe 3 with --n_kv_head=4) at seed 1337, both arms at
-# Run as `SEED=1337 bash run_train.sh`, `SEED=1338 END=575 bash run_train.sh`, then run_eval.sh (seed 1338: T3=48 TE=55 TL=1 TS=50) from the repo root.
 # once on one GPU. This call: phase 1 (1500 steps, passkey docs 64-2048) and as much of phase 2
 # (to 2700, docs 512-8192) as fits; call 3 (run_eval.sh, on the same warm machine) finishes
 # phase 2 from the last checkpoint and evaluates. Checkpoints stay in out-kv4-* (ignored paths
 # are kept between calls on a warm machine).
+# Run as `SEED=1337 bash run_train.sh`, `SEED=1338 END=575 bash run_train.sh`, then run_eval.sh (seed 1338: T3=48 TE=55 TL=1 TS=50) from the repo root.
 export PYTHONUNBUFFERED=1
 SEED=${SEED:-1337}; P1=1500; P2=2700; END=${END:-590}
 start=$(date +%s); left() { echo $(( END - ($(date +%s) - start) )); }
