@@ -171,10 +171,11 @@ def _check_same_length(q, k):
 
 
 def _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
-                      select_block, n_select, window):
+                      select_block, n_select, window, k_win=None, v_win=None):
     """The checks of nsa_attention and nsa_attention_ref: q may be the last Tq <= T positions."""
     check_block_sizes(block_len, block_stride, select_block, n_select, window)
     B, Tq, HQ, H, D, T = _check_keys(q, k=k, v=v)
+    _check_window_keys(q, k, k_win, v_win)
     if T < Tq:
         raise ValueError(f"k has {T} tokens, fewer than q's {Tq}")
     _check_keys(q, k_cmp=k_cmp, v_cmp=v_cmp)
@@ -182,6 +183,15 @@ def _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, blo
         raise ValueError(f"k_cmp has {k_cmp.shape[2]} heads, k has {H}: they must match")
     _check_compressed_keys(k_cmp, T, block_len, block_stride)
     _check_gates(q, "[B, T, HQ]", g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
+
+
+def _check_window_keys(q, k, k_win, v_win):
+    """The window branch's own keys and values: both None (it uses k, v), or both of k's shape."""
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win and v_win go together: pass both (the window branch's own keys "
+                         "and values) or neither (it uses k and v)")
+    if k_win is not None:
+        _check_keys(q, k=k, k_win=k_win, v_win=v_win)
 
 
 def _check_gates(q, shape, **gates):
@@ -278,11 +288,12 @@ def select_blocks_ref(p_cmp, T, block_len, block_stride, select_block, n_select,
 
 def nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=BLOCK_LEN,
                       block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT,
-                      window=WINDOW, scale=None):
+                      window=WINDOW, scale=None, k_win=None, v_win=None):
     """Plain-PyTorch NSA; see the module docstring. q: [B, Tq, HQ, D] are the last Tq positions
-    of k, v: [B, T, H, D]; k_cmp, v_cmp: [B, Tc, H, D]; g_*: [B, Tq, HQ] -> o: [B, Tq, HQ, D]."""
+    of k, v: [B, T, H, D]; k_cmp, v_cmp: [B, Tc, H, D]; g_*: [B, Tq, HQ] -> o: [B, Tq, HQ, D].
+    k_win, v_win: [B, T, H, D], the window branch's own keys and values (default: k, v)."""
     _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
-                      select_block, n_select, window)
+                      select_block, n_select, window, k_win, v_win)
     B, Tq, HQ, D = q.shape
     T, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -305,11 +316,14 @@ def nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=B
     win_mask = causal & (s > t - window)
 
     qh = q.transpose(1, 2).to(dtype)
-    kh = k.transpose(1, 2).to(dtype).repeat_interleave(G, dim=1)
-    vh = v.transpose(1, 2).to(dtype).repeat_interleave(G, dim=1)
-    logits = (qh @ kh.transpose(-1, -2)) * scale                            # [B, HQ, Tq, T]
-    o_slc = torch.softmax(logits.masked_fill(~slc_mask, float("-inf")), dim=-1) @ vh
-    o_win = torch.softmax(logits.masked_fill(~win_mask, float("-inf")), dim=-1) @ vh
+
+    def attend(k, v, mask):
+        kh = k.transpose(1, 2).to(dtype).repeat_interleave(G, dim=1)
+        vh = v.transpose(1, 2).to(dtype).repeat_interleave(G, dim=1)
+        logits = (qh @ kh.transpose(-1, -2)) * scale                        # [B, HQ, Tq, T]
+        return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ vh
+    o_slc = attend(k, v, slc_mask)
+    o_win = attend(k if k_win is None else k_win, v if v_win is None else v_win, win_mask)
 
     def gate(g):
         return g.transpose(1, 2).to(dtype)[..., None]                      # [B, HQ, Tq, 1]
@@ -320,24 +334,26 @@ def nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=B
 @torch.compiler.disable  # a torch.compile'd model runs the kernels as they are (graph break)
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *, block_len=BLOCK_LEN,
                   block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK, n_select=N_SELECT,
-                  window=WINDOW, scale=None):
+                  window=WINDOW, scale=None, k_win=None, v_win=None):
     """NSA forward with autograd. Same arguments, shapes and semantics as nsa_attention_ref:
-    q: [B, Tq, HQ, D], k, v: [B, T, H, D], k_cmp, v_cmp: [B, Tc, H, D], g_*: [B, Tq, HQ].
+    q: [B, Tq, HQ, D], k, v: [B, T, H, D], k_cmp, v_cmp: [B, Tc, H, D], g_*: [B, Tq, HQ],
+    k_win, v_win: None or [B, T, H, D] (the window branch's own keys and values).
     Runs the kernels when Tq == T and they take the inputs, else the reference."""
     _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
-                      select_block, n_select, window)
+                      select_block, n_select, window, k_win, v_win)
     if q.shape[1] == k.shape[1]:   # decoding (queries shorter than keys) is the reference's
         reason = _kernel_unsupported(q)
         if reason is None:
-            return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len,
-                                      block_stride, select_block, n_select, window,
+            return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, k_win, v_win,
+                                      block_len, block_stride, select_block, n_select, window,
                                       _default_scale(q, scale))
         if q.is_cuda:
             _warn_once(f"nsa_attention: {reason}; using the (slow, O(T^2) memory) PyTorch "
                        f"reference")
     return nsa_attention_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len=block_len,
                              block_stride=block_stride, select_block=select_block,
-                             n_select=n_select, window=window, scale=scale)
+                             n_select=n_select, window=window, scale=scale, k_win=k_win,
+                             v_win=v_win)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1429,15 +1445,18 @@ def _cmp_geometry(block_len, block_stride):
 
 class _NSAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, block_stride,
-                select_block, n_select, window, scale):
+    def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, k_win, v_win, block_len,
+                block_stride, select_block, n_select, window, scale):
         q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = (
             x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
+        ctx.own_window_kv = k_win is not None
+        # the window branch's keys: its own (then their gradients are its own too), or k, v
+        k_win, v_win = (k_win.contiguous(), v_win.contiguous()) if ctx.own_window_kv else (k, v)
         o_cmp, lse_cmp = _dense_fwd(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
                                     scale)
         idx = _select(q, k_cmp, lse_cmp, block_len, block_stride, select_block, n_select, scale)
         o_slc, lse_slc, inv = _slc_fwd(q, k, v, idx, select_block, scale)
-        o_win, lse_win = _dense_fwd(q, k, v, 1, 0, window, scale)
+        o_win, lse_win = _dense_fwd(q, k_win, v_win, 1, 0, window, scale)
         o = _combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
         if "compressed" in RECOMPUTE:
             o_cmp = lse_cmp = None
@@ -1445,21 +1464,21 @@ class _NSAFunction(torch.autograd.Function):
             o_win = lse_win = None
         if "selected" in RECOMPUTE:
             o_slc = lse_slc = None
-        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
-                              lse_cmp, lse_slc, lse_win, idx, *inv)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, k_win, v_win, o_cmp,
+                              o_slc, o_win, lse_cmp, lse_slc, lse_win, idx, *inv)
         ctx.cfg = (block_len, block_stride, select_block, window, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, o_slc, o_win,
+        (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, k_win, v_win, o_cmp, o_slc, o_win,
          lse_cmp, lse_slc, lse_win, idx, *inv) = ctx.saved_tensors
         block_len, block_stride, select_block, window, scale = ctx.cfg
         if o_cmp is None:
             o_cmp, lse_cmp = _dense_fwd(q, k_cmp, v_cmp, *_cmp_geometry(block_len, block_stride),
                                         scale)
         if o_win is None:
-            o_win, lse_win = _dense_fwd(q, k, v, 1, 0, window, scale)
+            o_win, lse_win = _dense_fwd(q, k_win, v_win, 1, 0, window, scale)
         if o_slc is None:
             o_slc, lse_slc, _ = _slc_fwd(q, k, v, idx, select_block, scale, inv)
         do = do.contiguous()
@@ -1468,14 +1487,22 @@ class _NSAFunction(torch.autograd.Function):
         dq = _alloc(q.shape, torch.float32, q.device)
         dk_cmp, dv_cmp = _dense_bwd(q, k_cmp, v_cmp, do, lg_cmp, dg[0], dq, False,
                                     *_cmp_geometry(block_len, block_stride), scale)
-        dk, dv = _dense_bwd(q, k, v, do, lg_win, dg[2], dq, True, 1, 0, window, scale)
+        dk_win, dv_win = _dense_bwd(q, k_win, v_win, do, lg_win, dg[2], dq, True, 1, 0, window,
+                                    scale)
+        if ctx.own_window_kv:   # else the selected branch adds its dk, dv to the window's
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        else:
+            dk, dv = dk_win, dv_win
         # the last branch adds its share and writes dq in q's dtype (no separate cast)
         dq_out = dq if q.dtype == torch.float32 else _alloc(q.shape, q.dtype, q.device)
         _slc_bwd(q, k, v, idx, inv, do, lg_slc, dg[1], dq, True, dk, dv, select_block, scale,
                  dq_out)
+        d_window_kv = ((dk_win.to(k_win.dtype), dv_win.to(v_win.dtype)) if ctx.own_window_kv
+                       else (None, None))
         return (dq_out, dk.to(k.dtype), dv.to(v.dtype), dk_cmp.to(k_cmp.dtype),
                 dv_cmp.to(v_cmp.dtype), dg[0].to(g_cmp.dtype), dg[1].to(g_slc.dtype),
-                dg[2].to(g_win.dtype), None, None, None, None, None, None)
+                dg[2].to(g_win.dtype), *d_window_kv, None, None, None, None, None, None)
 
 
 def _delta(do, o):
@@ -1603,12 +1630,17 @@ def window_attention(q, k, v, *, window=WINDOW, scale=None):
 # Input checks and the plain-PyTorch reference.
 
 def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,
-                        lengths, block_len, block_stride):
+                        lengths, block_len, block_stride, k_win_cache=None, v_win_cache=None):
     """Shape, dtype and device checks (no device sync). Returns (B, Tmax, HQ, H, D)."""
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, HQ, D] (one new token per sequence), got shape "
                          f"{tuple(q.shape)}")
     B, _, HQ, H, D, Tmax = _check_keys(q, k_cache=k_cache, v_cache=v_cache)
+    if (k_win_cache is None) != (v_win_cache is None):
+        raise ValueError("k_win_cache and v_win_cache go together: pass both (the window "
+                         "branch's own keys and values) or neither (it uses k_cache, v_cache)")
+    if k_win_cache is not None:
+        _check_keys(q, k_cache=k_cache, k_win_cache=k_win_cache, v_win_cache=v_win_cache)
     if Tmax < 1:
         raise ValueError("k_cache must hold at least one token slot (Tmax >= 1)")
     Tc_need = num_compressed_blocks(Tmax, block_len, block_stride)
@@ -1633,13 +1665,15 @@ def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_
 
 def nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths,
                    *, block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK,
-                   n_select=N_SELECT, window=WINDOW, scale=None):
+                   n_select=N_SELECT, window=WINDOW, scale=None, k_win_cache=None,
+                   v_win_cache=None):
     """The definition of nsa_decode (plain PyTorch, reads lengths on the host): per sequence,
     nsa_attention_ref over the caches cut to lengths[b], q the last query (sequences of one
     length in one call). -> [B, 1, HQ, D]"""
     check_block_sizes(block_len, block_stride, select_block, n_select, window)
     B, Tmax, HQ, H, D = check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp,
-                                            g_slc, g_win, lengths, block_len, block_stride)
+                                            g_slc, g_win, lengths, block_len, block_stride,
+                                            k_win_cache, v_win_cache)
     hp = dict(block_len=block_len, block_stride=block_stride, select_block=select_block,
               n_select=n_select, window=window, scale=scale)
     host = lengths.tolist()
@@ -1650,9 +1684,11 @@ def nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, 
     for T in set(host):
         rows = torch.tensor([b for b in range(B) if host[b] == T], device=q.device)
         Tc = num_compressed_blocks(T, block_len, block_stride)
+        own = {} if k_win_cache is None else dict(k_win=k_win_cache[rows, :T],
+                                                  v_win=v_win_cache[rows, :T])
         out[rows] = nsa_attention_ref(
             q[rows], k_cache[rows, :T], v_cache[rows, :T], k_cmp_cache[rows, :Tc],
-            v_cmp_cache[rows, :Tc], g_cmp[rows], g_slc[rows], g_win[rows], **hp)
+            v_cmp_cache[rows, :Tc], g_cmp[rows], g_slc[rows], g_win[rows], **hp, **own)
     return out
 
 
@@ -1887,12 +1923,13 @@ def _decode_attend(b_q, k, v, p_kv, s_t, lo, hi, b_m, b_l, b_acc, scale_log2,
 
 
 @triton.jit
-def _decode_tokens_kernel(q, k, v, lengths, idx, part_m, part_l, part_acc, s_b, s_t, s_h, TMAX,
-                          NP, S, NPS, HQ, H, G, NSEL, WINDOW, scale_log2, SPP: tl.constexpr,
-                          WPC: tl.constexpr, SBLK: tl.constexpr, D: tl.constexpr,
-                          BG: tl.constexpr, BN: tl.constexpr):
+def _decode_tokens_kernel(q, k, v, k_win, v_win, lengths, idx, part_m, part_l, part_acc, s_b, s_t,
+                          s_h, TMAX, NP, S, NPS, HQ, H, G, NSEL, WINDOW, scale_log2,
+                          SPP: tl.constexpr, WPC: tl.constexpr, SBLK: tl.constexpr,
+                          D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
     """Piece i_p of one KV head's token attention: selected blocks i_p*SPP .. (tokens s <= t)
-    for i_p < NPS, else window tokens (i_p - NPS)*WPC .. of the window (t - w, t]."""
+    for i_p < NPS, else window tokens (i_p - NPS)*WPC .. of the window (t - w, t], from k_win,
+    v_win (k, v themselves unless the window branch has its own; same strides)."""
     i_p, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     n_tok = _decode_length(lengths, i_b, TMAX)
@@ -1912,7 +1949,7 @@ def _decode_tokens_kernel(q, k, v, lengths, idx, part_m, part_l, part_acc, s_b, 
     else:
         lo = tl.maximum(n_tok - WINDOW, 0) + (i_p - NPS) * WPC
         hi = tl.minimum(lo + WPC, n_tok)
-        b_m, b_l, b_acc = _decode_attend(b_q, k, v, p_kv, s_t, lo, hi, b_m, b_l, b_acc,
+        b_m, b_l, b_acc = _decode_attend(b_q, k_win, v_win, p_kv, s_t, lo, hi, b_m, b_l, b_acc,
                                          scale_log2, D, BN)
     _decode_store_partial(part_m, part_l, part_acc, i_bh * NP + S + i_p, b_m, b_l, b_acc, G,
                           D, BG)
@@ -2071,7 +2108,8 @@ def _decode_cmp_select(q, k_cmp, v_cmp, lengths, plan, Tmax, block_len, block_st
 
 
 def _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths,
-                    block_len, block_stride, select_block, n_select, window, scale):
+                    block_len, block_stride, select_block, n_select, window, scale,
+                    k_win_cache, v_win_cache):
     B, Tmax, H, D = k_cache.shape
     HQ = q.shape[2]
     G = HQ // H
@@ -2085,7 +2123,8 @@ def _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
     S, NPS, NP = plan["S"], plan["NPS"], plan["NP"]
     s_b, s_t, s_h = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
     _decode_tokens_kernel[(NPS + plan["NW"], B * H)](
-        q, k_cache, v_cache, lengths, idx, part_m, part_l, part_acc, s_b, s_t, s_h, Tmax, NP, S,
+        q, k_cache, v_cache, k_win_cache, v_win_cache, lengths, idx, part_m, part_l, part_acc,
+        s_b, s_t, s_h, Tmax, NP, S,
         NPS, HQ, H, G, n_select, window, scale * _LOG2E, SPP=plan["SPP"],
         WPC=plan["WPC"], SBLK=select_block, D=D, BG=BG, BN=plan["BN"],
         num_warps=_decode_warps(), num_stages=_decode_stages())
@@ -2099,13 +2138,18 @@ def _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
     return o
 
 
-def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache):
+def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cache=None,
+                        v_win_cache=None):
     """Why valid inputs cannot take the decode kernels (None if they can)."""
     reason = _kernel_unsupported(q)
     if reason is not None:
         return reason
     for name, a, b in [("k_cache and v_cache", k_cache, v_cache),
-                       ("k_cmp_cache and v_cmp_cache", k_cmp_cache, v_cmp_cache)]:
+                       ("k_cmp_cache and v_cmp_cache", k_cmp_cache, v_cmp_cache),
+                       ("k_cache and k_win_cache", k_cache, k_win_cache),
+                       ("k_cache and v_win_cache", k_cache, v_win_cache)]:
+        if b is None:
+            continue
         if a.stride() != b.stride() or a.stride(3) != 1:
             return (f"the kernels need {name} with equal strides and contiguous head dims, got "
                     f"{a.stride()} and {b.stride()}")
@@ -2115,26 +2159,30 @@ def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache):
 @torch.compiler.disable  # a torch.compile'd model runs the kernels as they are (graph break)
 def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, lengths, *,
                block_len=BLOCK_LEN, block_stride=BLOCK_STRIDE, select_block=SELECT_BLOCK,
-               n_select=N_SELECT, window=WINDOW,
-               scale=None):
+               n_select=N_SELECT, window=WINDOW, scale=None, k_win_cache=None,
+               v_win_cache=None):
     """One NSA decoding step (see the section docstring): q [B, 1, HQ, D], k_cache, v_cache
-    [B, Tmax, H, D], k_cmp_cache, v_cmp_cache [B, Tcmax, H, D], g_* [B, 1, HQ], lengths [B]
+    [B, Tmax, H, D], k_cmp_cache, v_cmp_cache [B, Tcmax, H, D], g_* [B, 1, HQ], lengths [B],
+    k_win_cache, v_win_cache: None or [B, Tmax, H, D] (the window branch's own keys and values)
     -> o [B, 1, HQ, D]. Triton kernels for CUDA tensors (and CPU ones under
     TRITON_INTERPRET=1), else nsa_decode_ref."""
     check_block_sizes(block_len, block_stride, select_block, n_select, window)
     check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,
-                        lengths, block_len, block_stride)
-    reason = _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache)
+                        lengths, block_len, block_stride, k_win_cache, v_win_cache)
+    reason = _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cache,
+                                 v_win_cache)
     if reason is None:
+        own = k_win_cache is not None
         return _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
                                g_win, lengths, block_len, block_stride, select_block, n_select,
-                               window, _default_scale(q, scale))
+                               window, _default_scale(q, scale),
+                               k_win_cache if own else k_cache, v_win_cache if own else v_cache)
     if q.is_cuda:
         _warn_once(f"nsa_decode: {reason}; using the (slow, host-syncing) PyTorch reference")
     return nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,
                           lengths, block_len=block_len, block_stride=block_stride,
                           select_block=select_block, n_select=n_select, window=window,
-                          scale=scale)
+                          scale=scale, k_win_cache=k_win_cache, v_win_cache=v_win_cache)
 
 
 def nsa_decode_select(q, k_cache, k_cmp_cache, lengths, *, block_len=BLOCK_LEN,

@@ -139,6 +139,39 @@ def test_decode_kernel_matches_ref(lengths, Tmax, HQ, H, D, cfg, strided, tuning
 
 @needs_kernels
 @pytest.mark.parametrize("tuning", TUNINGS)
+def test_decode_kernel_own_window_kv(tuning, monkeypatch):
+    """The window branch with its own caches (k_win_cache, v_win_cache, NaN past each length):
+    the kernels against the reference, and the reference against nsa_attention_ref's last row."""
+    for key, value in tuning.items():
+        monkeypatch.setitem(nk.DECODE_TUNING, key, value)
+    torch.manual_seed(2)
+    lengths, Tmax, HQ, H, D = [150, 37, 90], 160, 4, 2, 16
+    xs = decode_inputs(lengths, Tmax, HQ, H, D, SMALL, device=KERNEL_DEVICE)
+    own = {}
+    for name in ("k_win_cache", "v_win_cache"):
+        own[name] = torch.randn_like(xs[1])
+        for b, T in enumerate(lengths):
+            own[name][b, T:] = float("nan")
+    got = nk.nsa_decode(*xs, **SMALL, **own)
+    want = nk.nsa_decode_ref(*xs, **SMALL, **own)
+    assert torch.isfinite(got).all(), "non-finite output (an unwritten or poisoned value)"
+    err_max, err_rel = errors(got, want)
+    assert err_max < TOL["max"] and err_rel < TOL["rel"], f"max {err_max:.2e}, rel {err_rel:.2e}"
+    assert errors(got, nk.nsa_decode(*xs, **SMALL))[1] > 1e-2   # the window's keys count
+    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, _ = xs
+    T = lengths[1]
+    Tc = nk.num_compressed_blocks(T, SMALL["block_len"], SMALL["block_stride"])
+    full = nk.nsa_attention_ref(
+        torch.cat([torch.randn(1, T - 1, HQ, D, device=q.device), q[1:2]], 1), k[1:2, :T],
+        v[1:2, :T], k_cmp[1:2, :Tc], v_cmp[1:2, :Tc],
+        *(torch.cat([torch.rand(1, T - 1, HQ, device=q.device), g[1:2]], 1)
+          for g in (g_cmp, g_slc, g_win)),
+        **SMALL, k_win=own["k_win_cache"][1:2, :T], v_win=own["v_win_cache"][1:2, :T])
+    assert errors(want[1:2], full[:, -1:])[1] < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("tuning", TUNINGS)
 @pytest.mark.parametrize("lengths,Tmax,HQ,H,D,cfg,strided", CASES + LONG_CASES)
 def test_decode_selection_matches_reference_scores(lengths, Tmax, HQ, H, D, cfg, strided, tuning,
                                                    monkeypatch):

@@ -329,6 +329,44 @@ def test_kernels_nsa_matches_reference(B, T, HQ, H, D, cfg, kernel_seed):
 
 
 @needs_kernels
+@pytest.mark.parametrize("B,T,HQ,H,D,cfg", [
+    pytest.param(1, 100, 6, 2, 32, SMALL, id="T100-G3-D32-small"),
+    pytest.param(1, 333, 16, 1, 32, PAPER, id="T333-G16-D32-paper"),
+])
+def test_kernels_own_window_kv(B, T, HQ, H, D, cfg, kernel_seed):
+    """The window branch with its own keys and values (k_win, v_win): output and all ten
+    gradients against the reference; k and v then get only the selected branch's gradient."""
+    xs = kernel_inputs(B, T, HQ, H, D, cfg)
+    win = [torch.randn_like(xs[1]).requires_grad_() for _ in range(2)]
+    do = torch.randn(B, T, HQ, D, device=KERNEL_DEVICE).to(KERNEL_DTYPE)
+    got = nk.nsa_attention(*xs, **cfg, k_win=win[0], v_win=win[1])
+    got_grads = torch.autograd.grad(got, xs + win, do)
+    ref_xs = [x.detach().float().requires_grad_() for x in xs + win]
+    want = nk.nsa_attention_ref(*ref_xs[:8], **cfg, k_win=ref_xs[8], v_win=ref_xs[9])
+    want_grads = torch.autograd.grad(want, ref_xs, do.float())
+    assert_close("o", got, want, kernel_seed)
+    for name, g, w in zip(GRAD_NAMES + ["k_win", "v_win"], got_grads, want_grads):
+        assert_close(f"d{name}", g, w, kernel_seed)
+
+
+def test_reference_own_window_kv():
+    """k_win, v_win = k, v is the shared default exactly; other window keys change only what the
+    window sees (with w = 1 and g_win = 1 the output is the window's value row)."""
+    xs = random_inputs(1, 40, 4, 2, 16, SMALL)
+    shared = nk.nsa_attention_ref(*xs, **SMALL)
+    assert torch.equal(nk.nsa_attention_ref(*xs, **SMALL, k_win=xs[1], v_win=xs[2]), shared)
+    k_win, v_win = torch.randn_like(xs[1]), torch.randn_like(xs[2])
+    ones, zeros = torch.ones_like(xs[5]), torch.zeros_like(xs[5])
+    only_window = nk.nsa_attention_ref(*xs[:5], zeros, zeros, ones, **{**SMALL, "window": 1},
+                                       k_win=k_win, v_win=v_win)
+    torch.testing.assert_close(only_window, v_win.repeat_interleave(2, dim=2))
+    with pytest.raises(ValueError, match="k_win and v_win go together"):
+        nk.nsa_attention_ref(*xs, **SMALL, k_win=k_win)
+    with pytest.raises(ValueError, match="k_win must have"):
+        nk.nsa_attention_ref(*xs, **SMALL, k_win=k_win[:, :-1], v_win=v_win[:, :-1])
+
+
+@needs_kernels
 def test_kernels_recompute_gives_the_same_gradients(kernel_seed, monkeypatch):
     """nk.RECOMPUTE (branch outputs recomputed in the backward instead of held) changes memory,
     not results: the gradients equal those of the default setting bit for bit (at G = 16, where
