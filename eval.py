@@ -397,22 +397,24 @@ def question_attention(model, inputs, chunk, question_end):
         for layer, x in inputs.items():
             attn = model.transformer.h[layer].attn
             j = torch.arange(t + 1, device=x.device)
-            q, k, _, _, _, gates = attn.project(x[sel_rows, :t + 1], j)
-            s = torch.einsum("bhd,bjhd->bhj", q[:, t].float(),
-                             k.float().repeat_interleave(G, 2)) * cfg.head_dim ** -0.5
+            q, k, _, _, _, gates, kv_win = attn.project(x[sel_rows, :t + 1], j)
 
-            def share(visible):                                    # visible: [r or 1, HQ, t+1]
+            def share(k, visible):                               # visible: [r or 1, HQ, t+1]
+                s = torch.einsum("bhd,bjhd->bhj", q[:, t].float(),
+                                 k.float().repeat_interleave(G, 2)) * cfg.head_dim ** -0.5
                 p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).cpu()
                 return p.masked_fill(~key_tokens, 0.).sum(-1)                     # [r, HQ]
 
             if not nsa:
-                on_key[rows, layer] = share(torch.ones_like(s, dtype=torch.bool))
+                on_key[rows, layer] = share(k, torch.ones(1, 1, t + 1, dtype=torch.bool,
+                                                          device=x.device))
                 continue
             selected, score = attn.selection(x[sel_rows], t)                      # [r, H, NB]
             in_selected = selected.repeat_interleave(G, 1)[..., j // ls]
             in_window = (j > t - cfg.window)[None, None, :]
+            k_win = k if kv_win is None else kv_win[0]
             g_cmp, g_slc, g_win = (g[:, t].float().cpu() for g in gates)         # [r, HQ]
-            on_key[rows, layer] = ((g_slc * share(in_selected) + g_win * share(in_window))
+            on_key[rows, layer] = ((g_slc * share(k, in_selected) + g_win * share(k_win, in_window))
                                    / (g_cmp + g_slc + g_win))
             order = nk.selection_order(score.float().cpu(), torch.tensor(t), ls)  # [r, H, NB]
             best = order.masked_fill(~key_blocks[:, None, :], float("-inf")).amax(-1)

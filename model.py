@@ -12,7 +12,9 @@ Design choices (the paper leaves these open or we depart from it; each is one pl
   learning between branches). Here the compressed branch has its own K/V projection, because
   its keys also score blocks for selection, a different job from token-level matching; the
   selected and window branches share one K/V projection, so decoding keeps one token-level KV
-  cache and the kernels read one K/V stream.
+  cache and the kernels read one K/V stream. `own_window_kv=True` gives the window branch its
+  own projection, as the paper does (issue 12 asks whether retrieval needs it), at the cost of
+  a second token-level cache.
 - RoPE and compression. Compressing rotated keys would average vectors rotated at l different
   angles. We compress the un-rotated keys of a block (plus a learned intra-block position
   embedding) with the MLP φ, then rotate the compressed key at the block's centre, i*d + (l-1)/2,
@@ -47,6 +49,7 @@ class GPTConfig:
     select_block: int = nk.PAPER_HP["select_block"]    # l': tokens per selection block
     n_select: int = nk.PAPER_HP["n_select"]            # n: selected blocks (1 initial + 2 local)
     window: int = nk.PAPER_HP["window"]                # w: sliding-window length
+    own_window_kv: bool = False  # NSA: the window branch projects its own K/V (see the docstring)
     rope_base: float = 10000.0
 
     def __post_init__(self):
@@ -127,8 +130,9 @@ class KVCache:
     prefill: keys and values (as full attention keeps them) and, with NSA, the compressed keys
     and values plus a ring of the last block_len raw keys/values of the compressed branch, all a
     future compression block needs (so NSA costs full attention's cache plus 1/d of it, plus
-    the ring). lengths: int32 [B] on the device, tokens held per sequence (the kernels read it);
-    host_lengths: the same as a list, for bookkeeping without device syncs."""
+    the ring; with own_window_kv, plus the window branch's keys and values). lengths: int32
+    [B] on the device, tokens held per sequence (the kernels read it); host_lengths: the same
+    as a list, for bookkeeping without device syncs."""
 
     def __init__(self, n_layer, max_len):
         self.layers = [dict() for _ in range(n_layer)]
@@ -218,6 +222,8 @@ class Attention(nn.Module):
             # The compressed branch's own keys/values, and φ (paper Eq. 7): an MLP over the l
             # keys (values) of a block plus an intra-block position embedding, applied per head.
             self.c_kv_cmp = nn.Linear(config.n_embd, 2 * H * D, bias=config.bias)
+            if config.own_window_kv:
+                self.c_kv_win = nn.Linear(config.n_embd, 2 * H * D, bias=config.bias)
             self.block_pos = nn.Parameter(torch.zeros(2, l, D))
             self.phi_k = nn.Sequential(nn.Linear(l * D, D), nn.GELU(), nn.Linear(D, D))
             self.phi_v = nn.Sequential(nn.Linear(l * D, D), nn.GELU(), nn.Linear(D, D))
@@ -227,8 +233,9 @@ class Attention(nn.Module):
     def project(self, x, pos):
         """Everything attention needs from x: [B, T, C] at positions pos ([T] or [B, T]):
         q [B, T, HQ, D] and k, v [B, T, H, D] (RoPE applied to q and k); with NSA also the
-        compressed branch's raw keys and values k_raw, v_raw [B, T, H, D] (not rotated) and the
-        gates g_cmp, g_slc, g_win [B, T, HQ] (None for full attention)."""
+        compressed branch's raw keys and values k_raw, v_raw [B, T, H, D] (not rotated), the
+        gates g_cmp, g_slc, g_win [B, T, HQ], and the window branch's own (k_win, v_win) with
+        own_window_kv (rotated; else None). Full attention: None for all but q, k, v."""
         cfg = self.config
         B, T, _ = x.shape
         H, HQ, D = cfg.n_kv_head, cfg.n_head, cfg.head_dim
@@ -240,10 +247,14 @@ class Attention(nn.Module):
         k, v = self.c_kv(x).view(B, T, 2, H, D).unbind(2)
         k = rope(k, pos, cfg.rope_base)
         if cfg.attention == "full":
-            return q, k, v, None, None, None
+            return q, k, v, None, None, None, None
         k_raw, v_raw = self.c_kv_cmp(x).view(B, T, 2, H, D).unbind(2)
         gates = torch.sigmoid(self.c_gate(x)).to(q.dtype).view(B, T, 3, HQ).unbind(2)
-        return q, k, v, k_raw, v_raw, gates
+        kv_win = None
+        if cfg.own_window_kv:
+            k_win, v_win = self.c_kv_win(x).view(B, T, 2, H, D).unbind(2)
+            kv_win = rope(k_win, pos, cfg.rope_base), v_win
+        return q, k, v, k_raw, v_raw, gates, kv_win
 
     def compress(self, k_raw, v_raw):
         """Raw keys/values [B, T, H, D] -> (k_cmp, v_cmp) [B, Tc, H, D], one per complete
@@ -271,19 +282,21 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         decoding = cache is not None and "k" in cache.layers[self.layer]
         pos = cache.lengths.long()[:, None] if decoding else torch.arange(T, device=x.device)
-        q, k, v, k_raw, v_raw, gates = self.project(x, pos)
+        q, k, v, k_raw, v_raw, gates, kv_win = self.project(x, pos)
+        k_win, v_win = kv_win or (None, None)
         k_cmp = v_cmp = None
         if decoding:
-            y = self.decode(cache, q, k, v, k_raw, v_raw, gates)
+            y = self.decode(cache, q, k, v, k_raw, v_raw, gates, k_win, v_win)
         elif cfg.attention == "full":
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                v.transpose(1, 2), is_causal=T > 1,
                                                enable_gqa=True).transpose(1, 2)
         else:
             k_cmp, v_cmp = self.compress(k_raw, v_raw)
-            y = nk.nsa_attention(q, k, v, k_cmp, v_cmp, *gates, **self.nsa_hp())
+            y = nk.nsa_attention(q, k, v, k_cmp, v_cmp, *gates, **self.nsa_hp(), k_win=k_win,
+                                 v_win=v_win)
         if cache is not None and not decoding:
-            self.prefill(cache, k, v, k_raw, v_raw, k_cmp, v_cmp)
+            self.prefill(cache, k, v, k_raw, v_raw, k_cmp, v_cmp, k_win, v_win)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, -1)))
 
     def nsa_hp(self):
@@ -291,7 +304,7 @@ class Attention(nn.Module):
         return dict(block_len=cfg.block_len, block_stride=cfg.block_stride,
                     select_block=cfg.select_block, n_select=cfg.n_select, window=cfg.window)
 
-    def prefill(self, cache, k, v, k_raw, v_raw, k_cmp, v_cmp):
+    def prefill(self, cache, k, v, k_raw, v_raw, k_cmp, v_cmp, k_win, v_win):
         """Fill the cache from a prompt [B, T] whose sequence b holds cache.host_lengths[b]
         tokens (the rest is padding that decoding overwrites)."""
         cfg, T = self.config, k.shape[1]
@@ -299,6 +312,9 @@ class Attention(nn.Module):
         cache.allocate(self.layer, "v", v, cache.max_len)[:, :T] = v
         if cfg.attention == "full":
             return
+        if k_win is not None:
+            cache.allocate(self.layer, "k_win", k_win, cache.max_len)[:, :T] = k_win
+            cache.allocate(self.layer, "v_win", v_win, cache.max_len)[:, :T] = v_win
         l, d = cfg.block_len, cfg.block_stride
         n_cmp = nk.num_compressed_blocks(cache.max_len, l, d) + 1   # + a spare row (static)
         cache.allocate(self.layer, "k_cmp", k_raw, n_cmp)[:, :k_cmp.shape[1]] = k_cmp
@@ -310,7 +326,7 @@ class Attention(nn.Module):
             s = torch.arange(max(0, n - l), n, device=k_raw.device)
             ring_k[b, s % l], ring_v[b, s % l] = k_raw[b, s], v_raw[b, s]
 
-    def decode(self, cache, q, k, v, k_raw, v_raw, gates):
+    def decode(self, cache, q, k, v, k_raw, v_raw, gates, k_win, v_win):
         """One decoding step: store the new token at position lengths[b] of each sequence,
         compress the block it completes, attend. With cache.static (CUDA graphs) nothing reads
         host values: full attention masks the whole cache, and NSA runs φ on every sequence's
@@ -321,6 +337,8 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=q.device)
         t = cache.lengths.long()                                              # [B] positions
         store["k"][rows, t], store["v"][rows, t] = k[:, 0], v[:, 0]
+        if k_win is not None:
+            store["k_win"][rows, t], store["v_win"][rows, t] = k_win[:, 0], v_win[:, 0]
         new_lengths = cache.lengths + 1
         if cfg.attention == "full":
             T = cache.max_len if cache.static else max(cache.host_lengths) + 1
@@ -348,7 +366,8 @@ class Attention(nn.Module):
                                                 store["ring_v"][sel[:, None], slots], block)
             store["k_cmp"][sel, block], store["v_cmp"][sel, block] = k_cmp, v_cmp
         return nk.nsa_decode(q, store["k"], store["v"], store["k_cmp"], store["v_cmp"], *gates,
-                             new_lengths, **self.nsa_hp())
+                             new_lengths, **self.nsa_hp(), k_win_cache=store.get("k_win"),
+                             v_win_cache=store.get("v_win"))
 
     def compress_blocks(self, k_blocks, v_blocks, block):
         """φ on whole blocks: [n, l, H, D] raw keys/values of compression blocks `block` [n]
@@ -372,7 +391,8 @@ class Attention(nn.Module):
         scores [B, H, NB]), NB = ceil((t + 1) / l')."""
         cfg = self.config
         B, H = x.shape[0], cfg.n_kv_head
-        q, _, _, k_raw, v_raw, _ = self.project(x[:, :t + 1], torch.arange(t + 1, device=x.device))
+        q, _, _, k_raw, v_raw, _, _ = self.project(x[:, :t + 1],
+                                                   torch.arange(t + 1, device=x.device))
         k_cmp, _ = self.compress(k_raw, v_raw)
         p_cmp = nk.compressed_probs_ref(q[:, t:], k_cmp, cfg.block_len, cfg.block_stride,
                                         cfg.head_dim ** -0.5, q_start=t)     # [B, HQ, 1, Tc]

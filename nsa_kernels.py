@@ -967,8 +967,8 @@ def _slc_merge_kernel(o_part, lse_part, o, lse, T, G, HQ, H, NSEL, SBLK: tl.cons
 
 
 @triton.jit
-def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, scale_log2, scale, NSEL,
-                       ACCUM: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
+def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, scale_log2, scale,
+                       NSEL, ACCUM: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
                        D: tl.constexpr, BG: tl.constexpr):
     """dq of the selected branch; one program per (position, KV head) as in the forward, so
     every dq row has one writer and needs no atomics."""
@@ -1348,8 +1348,8 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
     if dq_pieces:
         BR = 256 if _INTERPRET else 32
         _slc_dq_merge_kernel[(triton.cdiv(dq.numel() // D, BR),)](
-            dq_part, dq, dq_out, T, HQ, n, dq.numel() // D, ACCUM=accum, SBLK=select_block, D=D, BR=BR,
-            num_warps=4)
+            dq_part, dq, dq_out, T, HQ, n, dq.numel() // D, ACCUM=accum, SBLK=select_block, D=D,
+            BR=BR, num_warps=4)
 
 
 def _select_tiles(G, D, elem_size, block_len, block_stride, select_block, n_select):

@@ -284,13 +284,13 @@ def test_decode_cuda_graph_replays_after_lengths_change():
 
 
 # --------------------------------------------------------------------------- the model's cache
-def tiny_model(attention, device="cpu", dtype=torch.float32):
+def tiny_model(attention, device="cpu", dtype=torch.float32, **kw):
     """A 2-layer model whose head dim (16) the kernels take, with blocks small enough that a
     hundred tokens cross many compression, selection and window boundaries."""
     torch.manual_seed(5)
     config = GPTConfig(block_size=128, vocab_size=67, n_layer=2, n_head=4, n_kv_head=2,
                        n_embd=64, attention=attention, block_len=16, block_stride=8,
-                       select_block=16, n_select=3, window=24)
+                       select_block=16, n_select=3, window=24, **kw)
     return GPT(config).to(device, dtype).eval()
 
 
@@ -308,12 +308,14 @@ def decode_logits(model, idx, lengths, steps, static=False):
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-@pytest.mark.parametrize("attention", ["nsa", "full"])
-def test_cached_decoding_equals_the_full_forward(attention, static):
+@pytest.mark.parametrize("attention,kw", [("nsa", {}), ("full", {}),
+                                          ("nsa", dict(own_window_kv=True))],
+                         ids=["nsa", "full", "nsa-own-window-kv"])
+def test_cached_decoding_equals_the_full_forward(attention, kw, static):
     """Every step's logits equal the full forward's at that position: B = 2 with unequal
     prompt lengths, across compression, selection and window boundaries (the kernels under the
     interpreter; static: the CUDA-graph code path run eagerly)."""
-    model = tiny_model(attention)
+    model = tiny_model(attention, **kw)
     idx = torch.randint(0, 67, (2, 80))
     lengths, steps = [13, 37], 28
     full, _ = model(idx, idx)

@@ -239,14 +239,17 @@ def test_selection_recall_forced(n_select, depth, expected):
         assert (ranks <= 3).all()
 
 
-@pytest.mark.parametrize("attention", ["full", "nsa"])
-def test_key_attention(attention):
+@pytest.mark.parametrize("attention,kw", [("full", {}), ("nsa", {}),
+                                          ("nsa", dict(own_window_kv=True))],
+                         ids=["full", "nsa", "nsa-own-window-kv"])
+def test_key_attention(attention, kw):
     """Attention on the key: a head's softmax share on the key's tokens. With every token counted
     as a key token it is the whole softmax (full: 1; NSA: (g_slc + g_win) / (g_cmp + g_slc +
-    g_win), each branch's softmax summing to 1); NSA gives exactly 0 where the key lies outside the selected blocks and the
-    window (n = 3 selects only forced blocks, the needle at 50% is 60+ tokens back, w = 16)."""
+    g_win), each branch's softmax summing to 1); NSA gives exactly 0 where the key lies outside
+    the selected blocks and the window (n = 3 selects only forced blocks, the needle at 50% is
+    60+ tokens back, w = 16)."""
     codec = WordCodec()
-    model = tiny_gpt(attention, seed=5)
+    model = tiny_gpt(attention, seed=5, **kw)
     rows = passkey_docs(codec, lengths=(128,), depths=(50,), samples=3, seed=6)[128]
     _, _, on_key, *_ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
     assert on_key.shape == (3, TINY["n_layer"], TINY["n_head"])
@@ -265,8 +268,8 @@ def test_key_attention(attention):
         x = acts["attn"][layer]
         for i, r in enumerate(rows):
             t = r[4] - 1
-            *_, gates = model.transformer.h[layer].attn.project(x[i:i + 1, :t + 1],
-                                                               torch.arange(t + 1))
+            *_, gates, _ = model.transformer.h[layer].attn.project(x[i:i + 1, :t + 1],
+                                                                  torch.arange(t + 1))
             g_cmp, g_slc, g_win = (g[0, t].float() for g in gates)
             torch.testing.assert_close(whole[i, layer], (g_slc + g_win) / (g_cmp + g_slc + g_win))
             # the layout the zero below assumes: key tokens before the window, not in block 0

@@ -174,10 +174,12 @@ def tiny_config(attention="nsa", **kw):
     return GPTConfig(**cfg)
 
 
-@pytest.mark.parametrize("attention", ["nsa", "full"])
-def test_model_is_causal(attention):
+@pytest.mark.parametrize("attention,kw", [("nsa", {}), ("full", {}),
+                                          ("nsa", dict(own_window_kv=True))],
+                         ids=["nsa", "full", "nsa-own-window-kv"])
+def test_model_is_causal(attention, kw):
     torch.manual_seed(0)
-    model = GPT(tiny_config(attention)).eval()
+    model = GPT(tiny_config(attention, **kw)).eval()
     idx = torch.randint(0, 67, (1, 120))
     logits, _ = model(idx, idx)
     t = 70
@@ -195,9 +197,10 @@ def test_generate_runs_past_the_context():
     assert out.shape == (2, 65) and int(out.max()) < 67
 
 
-def test_gradients_reach_every_parameter():
+@pytest.mark.parametrize("own_window_kv", [False, True], ids=["shared-kv", "own-window-kv"])
+def test_gradients_reach_every_parameter(own_window_kv):
     torch.manual_seed(3)
-    model = GPT(tiny_config())
+    model = GPT(tiny_config(own_window_kv=own_window_kv))
     idx = torch.randint(0, 67, (2, 80))
     _, loss = model(idx, idx)
     loss.backward()
@@ -205,6 +208,7 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
     names = {n for n, _ in model.named_parameters()}
     assert any("phi_k" in n for n in names) and any("c_gate" in n for n in names)
+    assert any("c_kv_win" in n for n in names) == own_window_kv
 
 
 @pytest.mark.parametrize("attention", ["nsa", "full"])

@@ -83,6 +83,7 @@ block_stride = 8           # d: compression stride
 select_block = 32          # l': selection block
 n_select = 4               # n: selected blocks
 window = 64                # w: sliding window
+own_window_kv = False      # the window branch projects its own keys/values (model.py, issue 12)
 rope_base = 10000.0
 vocab_size = 50304         # GPT-2's 50257 padded to a multiple of 64
 # optimizer

@@ -53,7 +53,7 @@ with torch.no_grad(), common.autocast(dev, "bfloat16" if dev.type == "cuda" else
     model(idx.to(dev))
     for layer, x in sorted(acts["attn"].items()):
         attn = model.transformer.h[layer].attn
-        q, _, _, k_raw, v_raw, _ = attn.project(x, torch.arange(T, device=x.device))
+        q, _, _, k_raw, v_raw, _, _ = attn.project(x, torch.arange(T, device=x.device))
         k_cmp, v_cmp = attn.compress(k_raw, v_raw)
         _, lse = nk.compressed_attention(q, k_cmp, v_cmp, **hp)
         sel = nk.nsa_select(q, k_cmp, lse, select_block=cfg.select_block,
