@@ -25,7 +25,7 @@ import nsa_kernels as nk  # noqa: E402 (the repository root, above)
 
 DENSE = ("compressed", "window")
 ROW_TILES = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))  # dense
-PER_POSITION = list(itertools.product((1, 2, 4, 8), (1, 2, 3, 4)))           # warps, stages
+PER_POSITION = list(itertools.product((1, 2, 4), (1, 2, 4, 8), (1, 2, 3, 4)))  # + positions
 BLOCKS = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))               # + rows
 SETTINGS = {"fwd": PER_POSITION, "dq": PER_POSITION, "blocks_fwd": BLOCKS, "dkdv": BLOCKS}
 ALL = [f"{b}.{k}" for b in DENSE for k in ("fwd", "dq", "dkdv")] + \
