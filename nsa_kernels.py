@@ -841,17 +841,20 @@ def _slc_position_rows(i_t, i_b, i_h, T, G, HQ, P: tl.constexpr, BG: tl.constexp
 
 
 @triton.jit
-def _slc_block_rows(idx, j, p, i_t, i_b, i_h, T, H, NSEL, P: tl.constexpr, BG: tl.constexpr,
-                    NS: tl.constexpr):
-    """For block j, listed by position p of a P-position program: whether p is the first of
-    the program's positions to list it (the block is done once, there), and which rows attend
-    to it: those of the positions that list it ([P*BG])."""
-    o_p = tl.arange(0, P)
-    t_p = i_t * P + o_p
+def _slc_selections(idx, i_t, i_b, i_h, T, H, NSEL, P: tl.constexpr, NS: tl.constexpr):
+    """The selections of a P-position program's positions [P, NS] (-1: none)."""
+    t_p = i_t * P + tl.arange(0, P)
     o_n = tl.arange(0, NS)
-    b_idx = tl.load(idx + ((i_b * T + t_p).to(tl.int64) * H + i_h)[:, None] * NSEL
-                    + o_n[None, :], mask=(o_n[None, :] < NSEL) & (t_p[:, None] < T),
-                    other=-1)                                                 # [P, NS]
+    return tl.load(idx + ((i_b * T + t_p).to(tl.int64) * H + i_h)[:, None] * NSEL + o_n[None, :],
+                   mask=(o_n[None, :] < NSEL) & (t_p[:, None] < T), other=-1)
+
+
+@triton.jit
+def _slc_block_rows(b_idx, j, p, P: tl.constexpr, BG: tl.constexpr):
+    """For block j, listed by position p of a P-position program whose selections are b_idx
+    [P, NS]: whether p is the first of the positions to list it (the block is done once,
+    there), and which rows attend to it: those of the positions that list it ([P*BG])."""
+    o_p = tl.arange(0, P)
     b_has = tl.max((b_idx == j).to(tl.int32), 1)                              # [P]
     first = tl.sum(tl.where(o_p < p, b_has, 0), 0) == 0
     o_rp = tl.arange(0, P * BG) // BG
@@ -877,6 +880,8 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
     b_l = tl.zeros([P * BG], tl.float32)
     b_acc = tl.zeros([P * BG, D], tl.float32)
     t_last = tl.minimum(i_t * P + P, T) - 1
+    if P > 1:
+        b_idx = _slc_selections(idx, i_t, i_b, i_h, T, H, NSEL, P, NS)          # [P, NS]
     for p in tl.static_range(P):
         t = i_t * P + p
         p_idx = idx + ((i_b * T + t).to(tl.int64) * H + i_h) * NSEL
@@ -888,7 +893,7 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
             if P == 1:
                 first, m_s = True, m_k[None, :]
             else:
-                first, m_rows = _slc_block_rows(idx, j, p, i_t, i_b, i_h, T, H, NSEL, P, BG, NS)
+                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
                 m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
             if first:
                 p_key = (i_b * T + pos).to(tl.int64) * H + i_h
@@ -1021,6 +1026,8 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, sc
     o_s = tl.arange(0, BS)
     b_dq = tl.zeros([P * BG, D], tl.float32)
     t_last = tl.minimum(i_t * P + P, T) - 1
+    if P > 1:
+        b_idx = _slc_selections(idx, i_t, i_b, i_h, T, H, NSEL, P, NS)          # [P, NS]
     for p in tl.static_range(P):
         t = i_t * P + p
         p_idx = idx + ((i_b * T + t).to(tl.int64) * H + i_h) * NSEL
@@ -1031,7 +1038,7 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, sc
             if P == 1:
                 first, m_s = True, m_k[None, :]
             else:
-                first, m_rows = _slc_block_rows(idx, j, p, i_t, i_b, i_h, T, H, NSEL, P, BG, NS)
+                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
                 m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
             if first:
                 p_key = (i_b * T + pos).to(tl.int64) * H + i_h
