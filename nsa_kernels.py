@@ -11,6 +11,8 @@ Public API (shapes: B batch, T tokens, HQ query heads, H key/value heads, G = HQ
 
     q: [B, T, HQ, D]    k, v: [B, T, H, D]    k_cmp, v_cmp: [B, Tc, H, D]    g_*: [B, T, HQ]
     Tc = (T - l) // d + 1 if T >= l else 0; compressed block i summarises tokens [i*d, i*d + l).
+    Optional k_win=, v_win= [B, T, H, D]: the window branch's own keys and values (default:
+    k, v, shared with the selected branch); nsa_decode takes k_win_cache=, v_win_cache=.
     o: [B, T, HQ, D] in q's dtype; scale defaults to D ** -0.5; the block sizes default to the
     paper's (PAPER_HP).
 
