@@ -517,6 +517,10 @@ dist.all_gather(others, grads)
 print(f"rank {rank}: {events[:first].count('all-reduce')} of {events.count('all-reduce')} "
       f"all-reduces before layer 0's attention backward; grads equal: "
       f"{torch.equal(others[0], others[1])}\\n", end="", flush=True)
+# tear down in order: both ranks done, DDP's reducer gone, then the process group (a reducer
+# outliving its process group can abort the process at exit)
+dist.barrier()
+del ddp
 dist.destroy_process_group()
 """
 
