@@ -891,18 +891,23 @@ def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
         for i_n in range(tl.where(t < T, tl.minimum(NSEL, t // SBLK + 1), 0)):
             j = tl.load(p_idx + i_n)
             pos = j * SBLK + o_s                                              # [BS]
-            m_k = (o_s < SBLK) & (pos <= t_last)
+            m_k = (o_s < SBLK) & (pos <= t_last) & (j >= 0)
+            p_key = (i_b * T + pos).to(tl.int64) * H + i_h
             if P == 1:
-                first, m_s = True, m_k[None, :]
-            else:
-                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
-                m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
-            if first:
-                p_key = (i_b * T + pos).to(tl.int64) * H + i_h
                 b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
                 b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                 # [P*BG, BS]
-                b_m, b_l, b_acc = _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc, True)
+                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                 # [BG, BS]
+                b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc, True)
+            else:
+                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
+                if first:   # else an earlier position of the program did this block
+                    m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
+                    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
+                                  other=0.)
+                    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
+                                  other=0.)
+                    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2             # [P*BG, BS]
+                    b_m, b_l, b_acc = _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc, True)
     _store_attention(o, lse, p_row, m_r, b_m, b_l, b_acc, D)
 
 
@@ -1036,18 +1041,23 @@ def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, sc
         for i_n in range(tl.where(t < T, tl.minimum(NSEL, t // SBLK + 1), 0)):
             j = tl.load(p_idx + i_n)
             pos = j * SBLK + o_s
-            m_k = (o_s < SBLK) & (pos <= t_last)
+            m_k = (o_s < SBLK) & (pos <= t_last) & (j >= 0)
+            p_key = (i_b * T + pos).to(tl.int64) * H + i_h
             if P == 1:
-                first, m_s = True, m_k[None, :]
-            else:
-                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
-                m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
-            if first:
-                p_key = (i_b * T + pos).to(tl.int64) * H + i_h
                 b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
                 b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                 # [P*BG, BS]
-                b_dq = _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v, True)
+                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                 # [BG, BS]
+                b_dq = _dq_step(b_dq, b_s, m_k[None, :], b_lse, b_do, b_delta, b_k, b_v, True)
+            else:
+                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
+                if first:   # else an earlier position of the program did this block
+                    m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
+                    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
+                                  other=0.)
+                    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
+                                  other=0.)
+                    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2             # [P*BG, BS]
+                    b_dq = _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v, True)
     _store_dq(dq, dq_out, b_dq, p_row, m_r, scale, ACCUM, D)
 
 
