@@ -328,10 +328,12 @@ def score_passkey(model, docs, batch_size, device, autocast):
     """docs: rows of make_passkey_docs, all of one length. Returns (correct: bool [N],
     first: the greedy first answer token [N], and question_attention's on_key [N, n_layer, HQ]
     (attention on the key), hits and ranks [N, n_layer, H] (NSA's selection; None, None for
-    full attention))."""
+    full attention) at the question, then on_key and hits where the last answer token is
+    predicted (the document's last position but one): is the key still found once the copy
+    has begun?)."""
     cfg = model.config
     nsa = cfg.attention == "nsa"
-    correct, first, on_key, hits, ranks = [], [], [], [], []
+    correct, first, on_key, hits, ranks, on_key_last, hits_last = ([] for _ in range(7))
     for i in range(0, len(docs), batch_size):
         chunk = docs[i:i + batch_size]
         idx = torch.tensor([d[2] for d in chunk], device=device)                  # [b, L]
@@ -346,16 +348,22 @@ def score_passkey(model, docs, batch_size, device, autocast):
             model(idx)
             pred = model.lm_head(acts["final"][rows, pos]).argmax(-1)            # [b, K]
             on, hit, rank = question_attention(model, acts["attn"], chunk, answer_start - 1)
+            on_last, hit_last, _ = question_attention(model, acts["attn"], chunk,
+                                                      torch.full_like(answer_start, L - 2))
             on_key.append(on)
+            on_key_last.append(on_last)
             if nsa:
                 hits.append(hit)
                 ranks.append(rank)
+                hits_last.append(hit_last)
         correct.append(((pred == idx[rows, pos + 1]) | ~valid).all(-1).cpu())
         first.append(pred[:, 0].cpu())
-    correct, first, on_key = torch.cat(correct), torch.cat(first), torch.cat(on_key)
+    correct, first, on_key, on_key_last = (torch.cat(x) for x in (correct, first, on_key,
+                                                                   on_key_last))
     if not nsa:
-        return correct, first, on_key, None, None
-    return correct, first, on_key, torch.cat(hits), torch.cat(ranks)
+        return correct, first, on_key, None, None, on_key_last, None
+    return (correct, first, on_key, torch.cat(hits), torch.cat(ranks), on_key_last,
+            torch.cat(hits_last))
 
 
 def first_token_right(first, docs):
@@ -438,7 +446,11 @@ def passkey_tables(result, lengths, depths, block_size):
             ("key_attention", "attention on the key's tokens at the question, % (best layer and "
                               "head; NSA: selected + window branches, each times its "
                               "gate, over the sum of the gates)", 100),
+            ("key_attention_last", "attention on the key's tokens where the last answer token "
+                                   "is predicted, % (best layer and head)", 100),
             ("recall", "NSA selection recall, %", 100),
+            ("recall_last", "NSA selection recall where the last answer token is predicted, %",
+             100),
             ("needle_rank", f"NSA needle rank (median; selected iff <= n = "
                             f"{result['model_args'].get('n_select')}), best layer and KV head",
              1)]:
@@ -516,11 +528,11 @@ def cmd_passkey(args):
         model = build_model(info, ckpt, dev, max(lengths))
         nsa = info["attention"] == "nsa"
         acc, first_acc, key_att, key_att_layer, recall, recall_layer, rank, rank_layer, \
-            examples, split = ([] for _ in range(10))
+            examples, split, key_att_last, recall_last = ([] for _ in range(12))
         for length in lengths:
             rows = docs[length]
-            correct, first, on_key, hits, ranks = score_passkey(model, rows, args.batch_size,
-                                                                dev, autocast)
+            correct, first, on_key, hits, ranks, on_key_last, hits_last = score_passkey(
+                model, rows, args.batch_size, dev, autocast)
             by_depth = [[i for i, r in enumerate(rows) if r[0] == d] for d in range(len(depths))]
             acc.append([float(correct[ix].float().mean()) for ix in by_depth])
             first_ok = first_token_right(first, rows)
@@ -528,7 +540,10 @@ def cmd_passkey(args):
             best_head = on_key.amax(2)                                            # [N, n_layer]
             key_att.append([float(best_head[ix].amax(1).mean()) for ix in by_depth])
             key_att_layer.append([round(v, 4) for v in best_head.mean(0).tolist()])
+            best_last = on_key_last.flatten(1).amax(1)                            # [N]
+            key_att_last.append([float(best_last[ix].mean()) for ix in by_depth])
             if nsa:
+                recall_last.append([float(hits_last[ix].float().mean()) for ix in by_depth])
                 recall.append([float(hits[ix].float().mean()) for ix in by_depth])
                 recall_layer.append([round(v, 4) for v in hits.float().mean(dim=(0, 2)).tolist()])
                 best = ranks.flatten(1).amin(1)                                   # [N]
@@ -549,7 +564,9 @@ def cmd_passkey(args):
         results.append({**info, "lengths": lengths, "depths": depths, "accuracy": acc,
                         "first_token": first_acc, "key_attention": key_att,
                         "key_attention_by_layer": key_att_layer,
+                        "key_attention_last": key_att_last,
                         "recall": recall if nsa else None,
+                        "recall_last": recall_last if nsa else None,
                         "recall_by_layer": recall_layer if nsa else None,
                         "needle_rank": rank if nsa else None,
                         "needle_rank_by_layer": rank_layer if nsa else None,

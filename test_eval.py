@@ -232,7 +232,7 @@ def test_selection_recall_forced(n_select, depth, expected):
         if n_select == 3:
             assert (key_blocks <= forced) == (expected == 1.0)
             assert (not key_blocks & forced) == (expected == 0.0)
-    _, _, _, hits, ranks = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    _, _, _, hits, ranks, *_ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
     assert hits.shape == ranks.shape == (2, TINY["n_layer"], TINY["n_kv_head"])
     assert hits.float().mean().item() == expected
     if depth in (0, 100):  # a forced block: among the first three of the selection's order
@@ -251,13 +251,17 @@ def test_key_attention(attention, kw):
     codec = WordCodec()
     model = tiny_gpt(attention, seed=5, **kw)
     rows = passkey_docs(codec, lengths=(128,), depths=(50,), samples=3, seed=6)[128]
-    _, _, on_key, *_ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
-    assert on_key.shape == (3, TINY["n_layer"], TINY["n_head"])
+    _, _, on_key, _, _, on_key_last, _ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    assert on_key.shape == on_key_last.shape == (3, TINY["n_layer"], TINY["n_head"])
     idx = torch.tensor([r[2] for r in rows])
     question_end = torch.tensor([r[4] - 1 for r in rows])
     with ev.activations(model, True) as acts:
         model(idx)
     assert torch.equal(on_key, ev.question_attention(model, acts["attn"], rows, question_end)[0])
+    # where the last answer token is predicted: the document's last position but one
+    assert all(len(r[2]) == 128 for r in rows) and (question_end < 126).all()
+    last = torch.full_like(question_end, 126)
+    assert torch.equal(on_key_last, ev.question_attention(model, acts["attn"], rows, last)[0])
     everything = [(*r[:3], list(range(r[4])), r[4]) for r in rows]
     whole = ev.question_attention(model, acts["attn"], everything, question_end)[0]
     if attention == "full":
@@ -286,7 +290,7 @@ def test_selection_hits_read_the_key_block():
     codec = WordCodec()
     model = tiny_gpt("nsa", n_select=5, seed=3)
     rows = passkey_docs(codec, lengths=(128,), depths=(30, 60), samples=2, seed=4)[128]
-    _, _, _, hits, ranks = ev.score_passkey(model, rows, 4, "cpu", nullcontext())
+    _, _, _, hits, ranks, *_ = ev.score_passkey(model, rows, 4, "cpu", nullcontext())
     assert torch.equal(hits, ranks <= 5)
     assert hits.any() and not hits.all()  # both cases occur
     idx = torch.tensor([r[2] for r in rows])
