@@ -40,8 +40,10 @@ passkey: documents of L tokens, the answer included, built by common.passkey_sam
     KV heads, median over a cell's documents (per layer in the JSON).
     Attention on the key (both attentions): the share of a head's attention at that query on the
     key's tokens, the best over layers and heads, mean over a cell's documents (per layer in the
-    JSON). For NSA it counts the selected and window branches, each times its gate (eval.py's
-    question_attention): a needle that is selected but not attended to shows up there.
+    JSON). For NSA it counts the selected and window branches, each times its gate, over the
+    sum of the three gates (eval.py's question_attention): a needle that is selected but not
+    attended to shows up there. Attention on the key and recall are also given where the last
+    answer token is predicted: a model that starts the copy must still find the key there.
 Output: markdown tables on stdout; --json writes every number with the run provenance;
 --plot a figure (needs matplotlib).
 """
