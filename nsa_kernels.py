@@ -177,7 +177,7 @@ def _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, blo
     """The checks of nsa_attention and nsa_attention_ref: q may be the last Tq <= T positions."""
     check_block_sizes(block_len, block_stride, select_block, n_select, window)
     B, Tq, HQ, H, D, T = _check_keys(q, k=k, v=v)
-    _check_window_keys(q, k, k_win, v_win)
+    _check_window_keys(q, k=k, k_win=k_win, v_win=v_win)
     if T < Tq:
         raise ValueError(f"k has {T} tokens, fewer than q's {Tq}")
     _check_keys(q, k_cmp=k_cmp, v_cmp=v_cmp)
@@ -187,13 +187,16 @@ def _check_nsa_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_len, blo
     _check_gates(q, "[B, T, HQ]", g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
 
 
-def _check_window_keys(q, k, k_win, v_win):
-    """The window branch's own keys and values: both None (it uses k, v), or both of k's shape."""
+def _check_window_keys(q, **keys):
+    """The window branch's own keys and values, by name after the keys they stand in for (k=,
+    k_win=, v_win= or k_cache=, k_win_cache=, v_win_cache=): both None (the window uses the
+    selected branch's), or both of the keys' shape."""
+    (k_name, _), (kw_name, k_win), (vw_name, v_win) = keys.items()
     if (k_win is None) != (v_win is None):
-        raise ValueError("k_win and v_win go together: pass both (the window branch's own keys "
-                         "and values) or neither (it uses k and v)")
+        raise ValueError(f"{kw_name} and {vw_name} go together: pass both (the window branch's "
+                         f"own keys and values) or neither (it uses {k_name} and its values)")
     if k_win is not None:
-        _check_keys(q, k=k, k_win=k_win, v_win=v_win)
+        _check_keys(q, **keys)
 
 
 def _check_gates(q, shape, **gates):
@@ -1298,10 +1301,10 @@ def _slc_tiles(G, select_block):
 
 # Launch settings of the selected-branch kernels: (positions per program, warps, stages) of
 # those that run by position (from G = 16: the forward and dq; with P > 1 positions a block
-# that several of them selected is loaded once; P = 1 was the only setting measured, 2026-11-29;
-# P > 1 is untimed), and (query rows, warps, stages) of those that
-# run one selection block's queries per program (the dk/dv, and below G = 16 the forward; for
-# D > 128 these get at most 64 rows and at least 8 warps); by group size as in DENSE_TILES.
+# that several of them selected is loaded once; only P = 1 has been measured, P > 1 is untimed),
+# and (query rows, warps, stages) of those that run one selection block's queries per program
+# (the dk/dv, and below G = 16 the forward; for D > 128 these get at most 64 rows and at least
+# 8 warps); by group size as in DENSE_TILES.
 # Swept on the H200 at 64k and 8k (benchmarks/tiles_h200_2026-11-29b.jsonl,
 # group_tiles_h200_2026-11-29/): at G = 16 the settings below were the fastest of 16 (forward,
 # dq) and 12 (dk/dv) tried. Below G = 16 the dk/dv with 128 rows and 8 warps takes 4.08 / 9.8 /
@@ -1706,11 +1709,7 @@ def check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_
         raise ValueError(f"q must be [B, 1, HQ, D] (one new token per sequence), got shape "
                          f"{tuple(q.shape)}")
     B, _, HQ, H, D, Tmax = _check_keys(q, k_cache=k_cache, v_cache=v_cache)
-    if (k_win_cache is None) != (v_win_cache is None):
-        raise ValueError("k_win_cache and v_win_cache go together: pass both (the window "
-                         "branch's own keys and values) or neither (it uses k_cache, v_cache)")
-    if k_win_cache is not None:
-        _check_keys(q, k_cache=k_cache, k_win_cache=k_win_cache, v_win_cache=v_win_cache)
+    _check_window_keys(q, k_cache=k_cache, k_win_cache=k_win_cache, v_win_cache=v_win_cache)
     if Tmax < 1:
         raise ValueError("k_cache must hold at least one token slot (Tmax >= 1)")
     Tc_need = num_compressed_blocks(Tmax, block_len, block_stride)
@@ -2208,8 +2207,8 @@ def _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
     return o
 
 
-def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cache=None,
-                        v_win_cache=None):
+def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cache,
+                        v_win_cache):
     """Why valid inputs cannot take the decode kernels (None if they can)."""
     reason = _kernel_unsupported(q)
     if reason is not None:
@@ -2218,8 +2217,6 @@ def _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cac
                        ("k_cmp_cache and v_cmp_cache", k_cmp_cache, v_cmp_cache),
                        ("k_cache and k_win_cache", k_cache, k_win_cache),
                        ("k_cache and v_win_cache", k_cache, v_win_cache)]:
-        if b is None:
-            continue
         if a.stride() != b.stride() or a.stride(3) != 1:
             return (f"the kernels need {name} with equal strides and contiguous head dims, got "
                     f"{a.stride()} and {b.stride()}")
@@ -2239,14 +2236,13 @@ def nsa_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_wi
     check_block_sizes(block_len, block_stride, select_block, n_select, window)
     check_decode_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,
                         lengths, block_len, block_stride, k_win_cache, v_win_cache)
-    reason = _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cache,
-                                 v_win_cache)
+    # the window's keys and values: its own caches, or the selected branch's
+    kw, vw = (k_cache, v_cache) if k_win_cache is None else (k_win_cache, v_win_cache)
+    reason = _decode_unsupported(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, kw, vw)
     if reason is None:
-        own = k_win_cache is not None
         return _decode_forward(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
                                g_win, lengths, block_len, block_stride, select_block, n_select,
-                               window, _default_scale(q, scale),
-                               k_win_cache if own else k_cache, v_win_cache if own else v_cache)
+                               window, _default_scale(q, scale), kw, vw)
     if q.is_cuda:
         _warn_once(f"nsa_decode: {reason}; using the (slow, host-syncing) PyTorch reference")
     return nsa_decode_ref(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win,

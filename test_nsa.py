@@ -313,23 +313,32 @@ FULL_CASES = [  # B, T, HQ, H, D, cfg
     pytest.param(1, 333, 16, 1, 32, PAPER, id="T333-G16-D32-paper"),
     pytest.param(1, 1100, 1, 1, 32, SMALL, id="T1100-G1-D32-small"),
 ]
-GRAD_NAMES = ["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win"]
+GRAD_NAMES = ["q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win", "k_win", "v_win"]
+
+
+def check_against_reference(xs, cfg, seed, win=()):
+    """nsa_attention against nsa_attention_ref (fp32) on the inputs xs (and the window's own
+    keys and values win, if given), with one shared upstream gradient: the output and the
+    gradient of every input. Returns the kernels' output."""
+    B, T, HQ, D = xs[0].shape
+    win = list(win)
+    do = torch.randn(B, T, HQ, D, device=KERNEL_DEVICE).to(KERNEL_DTYPE)
+    got = nk.nsa_attention(*xs, **cfg, **dict(zip(("k_win", "v_win"), win)))
+    got_grads = torch.autograd.grad(got, xs + win, do)
+    ref_xs = [x.detach().float().requires_grad_() for x in xs + win]
+    want = nk.nsa_attention_ref(*ref_xs[:8], **cfg, **dict(zip(("k_win", "v_win"), ref_xs[8:])))
+    want_grads = torch.autograd.grad(want, ref_xs, do.float())
+    assert_close("o", got, want, seed)
+    for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
+        assert_close(f"d{name}", g, w, seed)
+    return got
 
 
 @needs_kernels
 @pytest.mark.parametrize("B,T,HQ,H,D,cfg", FULL_CASES)
 def test_kernels_nsa_matches_reference(B, T, HQ, H, D, cfg, kernel_seed):
-    xs = kernel_inputs(B, T, HQ, H, D, cfg)
-    do = torch.randn(B, T, HQ, D, device=KERNEL_DEVICE).to(KERNEL_DTYPE)
-    got = nk.nsa_attention(*xs, **cfg)
-    got_grads = torch.autograd.grad(got, xs, do)
-    ref_xs = [x.detach().float().requires_grad_() for x in xs]
-    want = nk.nsa_attention_ref(*ref_xs, **cfg)
-    want_grads = torch.autograd.grad(want, ref_xs, do.float())
+    got = check_against_reference(kernel_inputs(B, T, HQ, H, D, cfg), cfg, kernel_seed)
     assert got.dtype == KERNEL_DTYPE
-    assert_close("o", got, want, kernel_seed)
-    for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
-        assert_close(f"d{name}", g, w, kernel_seed)
 
 
 @needs_kernels
@@ -342,15 +351,7 @@ def test_kernels_own_window_kv(B, T, HQ, H, D, cfg, kernel_seed):
     gradients against the reference; k and v then get only the selected branch's gradient."""
     xs = kernel_inputs(B, T, HQ, H, D, cfg)
     win = [torch.randn_like(xs[1]).requires_grad_() for _ in range(2)]
-    do = torch.randn(B, T, HQ, D, device=KERNEL_DEVICE).to(KERNEL_DTYPE)
-    got = nk.nsa_attention(*xs, **cfg, k_win=win[0], v_win=win[1])
-    got_grads = torch.autograd.grad(got, xs + win, do)
-    ref_xs = [x.detach().float().requires_grad_() for x in xs + win]
-    want = nk.nsa_attention_ref(*ref_xs[:8], **cfg, k_win=ref_xs[8], v_win=ref_xs[9])
-    want_grads = torch.autograd.grad(want, ref_xs, do.float())
-    assert_close("o", got, want, kernel_seed)
-    for name, g, w in zip(GRAD_NAMES + ["k_win", "v_win"], got_grads, want_grads):
-        assert_close(f"d{name}", g, w, kernel_seed)
+    check_against_reference(xs, cfg, kernel_seed, win)
 
 
 def test_reference_own_window_kv():
@@ -383,16 +384,7 @@ def test_kernels_selected_by_several_positions(B, T, HQ, H, D, cfg, positions, k
     as the reference (T not a multiple of P: the last program is partly empty)."""
     for kernel in ("fwd", "dq"):
         monkeypatch.setitem(nk.SLC_TILES, kernel, (positions, 2, 2))
-    xs = kernel_inputs(B, T, HQ, H, D, cfg)
-    do = torch.randn(B, T, HQ, D, device=KERNEL_DEVICE).to(KERNEL_DTYPE)
-    got = nk.nsa_attention(*xs, **cfg)
-    got_grads = torch.autograd.grad(got, xs, do)
-    ref_xs = [x.detach().float().requires_grad_() for x in xs]
-    want = nk.nsa_attention_ref(*ref_xs, **cfg)
-    want_grads = torch.autograd.grad(want, ref_xs, do.float())
-    assert_close("o", got, want, kernel_seed)
-    for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
-        assert_close(f"d{name}", g, w, kernel_seed)
+    check_against_reference(kernel_inputs(B, T, HQ, H, D, cfg), cfg, kernel_seed)
 
 
 @needs_kernels
