@@ -2261,7 +2261,7 @@ def nsa_decode_select(q, k_cache, k_cmp_cache, lengths, *, block_len=BLOCK_LEN,
     g = q.new_zeros(B, 1, HQ)
     check_decode_inputs(q, k_cache, k_cache, k_cmp_cache, k_cmp_cache, g, g, g, lengths,
                         block_len, block_stride)
-    reason = _decode_unsupported(q, k_cache, k_cache, k_cmp_cache, k_cmp_cache)
+    reason = _decode_unsupported(q, k_cache, k_cache, k_cmp_cache, k_cmp_cache, k_cache, k_cache)
     if reason is not None:
         raise ValueError(f"nsa_decode_select runs the kernels only: {reason}")
     B, Tmax, H, D = k_cache.shape
