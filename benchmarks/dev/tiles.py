@@ -13,7 +13,7 @@ BENCHMARKS.md) where random inputs share ~25%; each row records the share it mea
     CUDA_VISIBLE_DEVICES=0 python benchmarks/dev/tiles.py --part 0/2 --out tiles0.jsonl \\
         --kernels selected.fwd,selected.dq,selected.dkdv,compressed.dkdv
     python benchmarks/dev/tiles.py --kernels selected.fwd,selected.dq --cases 65536:16 \\
-        --smooth 32 --out positions.jsonl
+        --smooth 32 --per_position 1,2,4/2,4/2,3 --out positions.jsonl
 """
 import argparse
 import copy
@@ -31,9 +31,7 @@ from bench import neighbour_share  # noqa: E402
 
 DENSE = ("compressed", "window")
 ROW_TILES = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))  # dense
-PER_POSITION = list(itertools.product((1, 2, 4), (1, 2, 4, 8), (1, 2, 3, 4)))  # + positions
 BLOCKS = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))               # + rows
-SETTINGS = {"fwd": PER_POSITION, "dq": PER_POSITION, "blocks_fwd": BLOCKS, "dkdv": BLOCKS}
 ALL = [f"{b}.{k}" for b in DENSE for k in ("fwd", "dq", "dkdv")] + \
     [f"selected.{k}" for k in ("fwd", "dq", "blocks_fwd", "dkdv")]
 
@@ -43,7 +41,11 @@ p.add_argument("--out", required=True)
 p.add_argument("--kernels", default=",".join(ALL), help=f"comma-separated, of {ALL}")
 p.add_argument("--cases", default="65536:16,65536:4,8192:16", help="T:G,...")
 p.add_argument("--smooth", type=int, default=1, help="queries averaged over W positions")
+p.add_argument("--per_position", default="1,2,4/1,2,4,8/1,2,3,4",
+               help="the per-position settings swept: positions/warps/stages, each a list")
 args = p.parse_args()
+PER_POSITION = list(itertools.product(*(map(int, x.split(",")) for x in args.per_position.split("/"))))
+SETTINGS = {"fwd": PER_POSITION, "dq": PER_POSITION, "blocks_fwd": BLOCKS, "dkdv": BLOCKS}
 part, parts = map(int, args.part.split("/"))
 kernels = args.kernels.split(",")
 if not set(kernels) <= set(ALL):
