@@ -834,84 +834,33 @@ def _select_kernel(q, k_cmp, lse, idx, T, TC, G, HQ, H, scale_log2, NSEL: tl.con
 
 
 @triton.jit
-def _slc_position_rows(i_t, i_b, i_h, T, G, HQ, P: tl.constexpr, BG: tl.constexpr):
-    """The rows of a per-position program: positions i_t*P .. i_t*P + P - 1 (those < T) x the
-    G heads of KV head i_h, padded to BG rows per position. Returns their positions t_r, mask
-    and row ids [P*BG]."""
-    o_r = tl.arange(0, P * BG)
-    t_r = i_t * P + o_r // BG
-    m_r = (o_r % BG < G) & (t_r < T)
-    p_row = (i_b * T + t_r).to(tl.int64) * HQ + i_h * G + o_r % BG
-    return t_r, m_r, p_row
-
-
-@triton.jit
-def _slc_selections(idx, i_t, i_b, i_h, T, H, NSEL, P: tl.constexpr, NS: tl.constexpr):
-    """The selections of a P-position program's positions [P, NS] (-1: none)."""
-    t_p = i_t * P + tl.arange(0, P)
-    o_n = tl.arange(0, NS)
-    return tl.load(idx + ((i_b * T + t_p).to(tl.int64) * H + i_h)[:, None] * NSEL + o_n[None, :],
-                   mask=(o_n[None, :] < NSEL) & (t_p[:, None] < T), other=-1)
-
-
-@triton.jit
-def _slc_block_rows(b_idx, j, p, P: tl.constexpr, BG: tl.constexpr):
-    """For block j, listed by position p of a P-position program whose selections are b_idx
-    [P, NS]: whether p is the first of the positions to list it (the block is done once,
-    there), and which rows attend to it: those of the positions that list it ([P*BG])."""
-    o_p = tl.arange(0, P)
-    b_has = tl.max((b_idx == j).to(tl.int32), 1)                              # [P]
-    first = tl.sum(tl.where(o_p < p, b_has, 0), 0) == 0
-    o_rp = tl.arange(0, P * BG) // BG
-    m_rows = tl.sum(tl.where(o_rp[:, None] == o_p[None, :], b_has[None, :], 0), 1) > 0
-    return first, m_rows
-
-
-@triton.jit
 def _slc_fwd_kernel(q, k, v, idx, o, lse, T, G, HQ, H, scale_log2, NSEL,
-                    SBLK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr,
-                    P: tl.constexpr, NS: tl.constexpr):
-    """Selected attention for P consecutive positions and one KV head: their G heads are the
-    rows (padded to BG >= 16 per position for tl.dot); the inner loop runs over each position's
-    selected blocks (tokens s <= t). With P > 1 a block that several of the positions selected
-    is loaded once, for all their rows (neighbours share most blocks in trained models)."""
+                    SBLK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BG: tl.constexpr):
+    """Selected attention for one position and KV head: the G heads are the rows (padded to
+    BG >= 16 for tl.dot), the inner loop runs over the n selected blocks (tokens s <= t)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    t_r, m_r, p_row = _slc_position_rows(i_t, i_b, i_h, T, G, HQ, P, BG)
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    p_row = (i_b * T + i_t).to(tl.int64) * HQ + i_h * G + o_g               # [BG]
     o_d = tl.arange(0, D)
-    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None], other=0.)
+    b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.)
+    p_idx = idx + ((i_b * T + i_t).to(tl.int64) * H + i_h) * NSEL
     o_s = tl.arange(0, BS)
-    b_m = tl.full([P * BG], float("-inf"), tl.float32)
-    b_l = tl.zeros([P * BG], tl.float32)
-    b_acc = tl.zeros([P * BG, D], tl.float32)
-    t_last = tl.minimum(i_t * P + P, T) - 1
-    if P > 1:
-        b_idx = _slc_selections(idx, i_t, i_b, i_h, T, H, NSEL, P, NS)          # [P, NS]
-    for p in tl.static_range(P):
-        t = i_t * P + p
-        p_idx = idx + ((i_b * T + t).to(tl.int64) * H + i_h) * NSEL
-        # exactly min(n, t // l' + 1) blocks are eligible, and the selection lists them first
-        for i_n in range(tl.where(t < T, tl.minimum(NSEL, t // SBLK + 1), 0)):
-            j = tl.load(p_idx + i_n)
-            pos = j * SBLK + o_s                                              # [BS]
-            m_k = (o_s < SBLK) & (pos <= t_last) & (j >= 0)
-            p_key = (i_b * T + pos).to(tl.int64) * H + i_h
-            if P == 1:
-                b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-                b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                 # [BG, BS]
-                b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc, True)
-            else:
-                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
-                if first:   # else an earlier position of the program did this block
-                    m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
-                    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
-                                  other=0.)
-                    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
-                                  other=0.)
-                    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2             # [P*BG, BS]
-                    b_m, b_l, b_acc = _softmax_step(b_s, m_s, b_v, b_m, b_l, b_acc, True)
-    _store_attention(o, lse, p_row, m_r, b_m, b_l, b_acc, D)
+    b_m = tl.full([BG], float("-inf"), tl.float32)
+    b_l = tl.zeros([BG], tl.float32)
+    b_acc = tl.zeros([BG, D], tl.float32)
+    # exactly min(n, t // l' + 1) blocks are eligible, and the kernel lists them first
+    for i_n in range(tl.minimum(NSEL, i_t // SBLK + 1)):
+        j = tl.load(p_idx + i_n)
+        pos = j * SBLK + o_s                                                  # [BS]
+        m_k = (o_s < SBLK) & (pos <= i_t) & (j >= 0)
+        p_key = (i_b * T + pos).to(tl.int64) * H + i_h
+        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
+        b_m, b_l, b_acc = _softmax_step(b_s, m_k[None, :], b_v, b_m, b_l, b_acc, True)
+    _store_attention(o, lse, p_row, m_g, b_m, b_l, b_acc, D)
 
 
 # The selected branch in key-block order (small-G forward, dk/dv): each program takes one
@@ -1025,43 +974,30 @@ def _slc_merge_kernel(o_part, lse_part, o, lse, T, G, HQ, H, NSEL, SBLK: tl.cons
 @triton.jit
 def _slc_bwd_dq_kernel(q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, scale_log2, scale,
                        NSEL, ACCUM: tl.constexpr, SBLK: tl.constexpr, BS: tl.constexpr,
-                       D: tl.constexpr, BG: tl.constexpr, P: tl.constexpr, NS: tl.constexpr):
-    """dq of the selected branch; P positions and one KV head per program as in the forward,
-    so every dq row has one writer and needs no atomics."""
+                       D: tl.constexpr, BG: tl.constexpr):
+    """dq of the selected branch; one program per (position, KV head) as in the forward, so
+    every dq row has one writer and needs no atomics."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    t_r, m_r, p_row = _slc_position_rows(i_t, i_b, i_h, T, G, HQ, P, BG)
+    o_g = tl.arange(0, BG)
+    m_g = o_g < G
+    p_row = (i_b * T + i_t).to(tl.int64) * HQ + i_h * G + o_g
     o_d = tl.arange(0, D)
-    b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_r, D)
+    b_q, b_do, b_lse, b_delta = _load_bwd_rows(q, do, lse, delta, p_row, m_g, D)
+    p_idx = idx + ((i_b * T + i_t).to(tl.int64) * H + i_h) * NSEL
     o_s = tl.arange(0, BS)
-    b_dq = tl.zeros([P * BG, D], tl.float32)
-    t_last = tl.minimum(i_t * P + P, T) - 1
-    if P > 1:
-        b_idx = _slc_selections(idx, i_t, i_b, i_h, T, H, NSEL, P, NS)          # [P, NS]
-    for p in tl.static_range(P):
-        t = i_t * P + p
-        p_idx = idx + ((i_b * T + t).to(tl.int64) * H + i_h) * NSEL
-        for i_n in range(tl.where(t < T, tl.minimum(NSEL, t // SBLK + 1), 0)):
-            j = tl.load(p_idx + i_n)
-            pos = j * SBLK + o_s
-            m_k = (o_s < SBLK) & (pos <= t_last) & (j >= 0)
-            p_key = (i_b * T + pos).to(tl.int64) * H + i_h
-            if P == 1:
-                b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-                b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
-                b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                 # [BG, BS]
-                b_dq = _dq_step(b_dq, b_s, m_k[None, :], b_lse, b_do, b_delta, b_k, b_v, True)
-            else:
-                first, m_rows = _slc_block_rows(b_idx, j, p, P, BG)
-                if first:   # else an earlier position of the program did this block
-                    m_s = m_rows[:, None] & m_k[None, :] & (pos[None, :] <= t_r[:, None])
-                    b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
-                                  other=0.)
-                    b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None],
-                                  other=0.)
-                    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2             # [P*BG, BS]
-                    b_dq = _dq_step(b_dq, b_s, m_s, b_lse, b_do, b_delta, b_k, b_v, True)
-    _store_dq(dq, dq_out, b_dq, p_row, m_r, scale, ACCUM, D)
+    b_dq = tl.zeros([BG, D], tl.float32)
+    # exactly min(n, t // l' + 1) blocks are eligible, and the kernel lists them first
+    for i_n in range(tl.minimum(NSEL, i_t // SBLK + 1)):
+        j = tl.load(p_idx + i_n)
+        pos = j * SBLK + o_s
+        m_k = (o_s < SBLK) & (pos <= i_t) & (j >= 0)
+        p_key = (i_b * T + pos).to(tl.int64) * H + i_h
+        b_k = tl.load(k + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_v = tl.load(v + p_key[:, None] * D + o_d[None, :], mask=m_k[:, None], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2                        # [BG, BS]
+        b_dq = _dq_step(b_dq, b_s, m_k[None, :], b_lse, b_do, b_delta, b_k, b_v, True)
+    _store_dq(dq, dq_out, b_dq, p_row, m_g, scale, ACCUM, D)
 
 
 @triton.jit
@@ -1299,19 +1235,17 @@ def _slc_tiles(G, select_block):
     return max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(select_block))
 
 
-# Launch settings of the selected-branch kernels: (positions per program, warps, stages) of
-# those that run by position (from G = 16: the forward and dq; with P > 1 positions a block
-# that several of them selected is loaded once; only P = 1 has been measured, P > 1 is untimed),
-# and (query rows, warps, stages) of those that run one selection block's queries per program
-# (the dk/dv, and below G = 16 the forward; for D > 128 these get at most 64 rows and at least
-# 8 warps); by group size as in DENSE_TILES.
+# Launch settings of the selected-branch kernels: (warps, stages) of those that run one position
+# per program (from G = 16: the forward and dq), and (query rows, warps, stages) of those that
+# run one selection block's queries per program (the dk/dv, and below G = 16 the forward; for
+# D > 128 these get at most 64 rows and at least 8 warps); by group size as in DENSE_TILES.
 # Swept on the H200 at 64k and 8k (benchmarks/tiles_h200_2026-11-29b.jsonl,
 # group_tiles_h200_2026-11-29/): at G = 16 the settings below were the fastest of 16 (forward,
 # dq) and 12 (dk/dv) tried. Below G = 16 the dk/dv with 128 rows and 8 warps takes 4.08 / 9.8 /
 # 17.2 ms at G = 1 / 4 / 8 against 4.28 / 11.6 / 21.3 with 64 rows and 4 warps. The key-block
 # forward keeps (64, 4, 2): the fastest of 12 at G = 1; at G = 8, 4 stages took 11.4 ms
 # against 11.9.
-SLC_TILES = {"fwd": (1, 2, 2), "dq": (1, 2, 2), "blocks_fwd": (64, 4, 2),
+SLC_TILES = {"fwd": (2, 2), "dq": (2, 2), "blocks_fwd": (64, 4, 2),
              "dkdv": {1: (128, 8, 2), 16: (64, 4, 2)}}
 
 
@@ -1333,11 +1267,10 @@ def _slc_fwd(q, k, v, idx, select_block, scale, inv=()):
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc((B, T, HQ), torch.float32, q.device)
     if G >= SLC_BLOCK_ORDER_BELOW_G:
-        positions, warps, stages = _slc_launch("fwd", G, D)
-        _slc_fwd_kernel[(triton.cdiv(T, positions), B * H)](
-            q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n, SBLK=select_block, BS=BS, D=D,
-            BG=BG, P=positions, NS=triton.next_power_of_2(n), num_warps=warps,
-            num_stages=stages)
+        warps, stages = _slc_launch("fwd", G, D)
+        _slc_fwd_kernel[(T, B * H)](q, k, v, idx, o, lse, T, G, HQ, H, scale * _LOG2E, n,
+                                    SBLK=select_block, BS=BS, D=D, BG=BG,
+                                    num_warps=warps, num_stages=stages)
         return o, lse, ()
     # small G: key-block order, then a merge (the pieces: n outputs per query row)
     n_blocks = triton.cdiv(T, select_block)
@@ -1404,11 +1337,10 @@ def _slc_bwd(q, k, v, idx, inv, do, lse, delta, dq, accum, dk, dv, select_block,
         dq_part = _alloc((B, T, HQ, n, D), q.dtype, q.device)
     else:
         dq_part = dq  # not written
-        positions, warps, stages = _slc_launch("dq", G, D)
-        _slc_bwd_dq_kernel[(triton.cdiv(T, positions), B * H)](
-            q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H, scale * _LOG2E, scale, n,
-            ACCUM=accum, SBLK=select_block, BS=BS, D=D, BG=BG, P=positions,
-            NS=triton.next_power_of_2(n), num_warps=warps, num_stages=stages)
+        warps, stages = _slc_launch("dq", G, D)
+        _slc_bwd_dq_kernel[(T, B * H)](q, k, v, idx, do, lse, delta, dq, dq_out, T, G, HQ, H,
+                                       scale * _LOG2E, scale, n, ACCUM=accum, SBLK=select_block,
+                                       BS=BS, D=D, BG=BG, num_warps=warps, num_stages=stages)
     n_blocks = triton.cdiv(T, select_block)
     q_list, seg_bin, seg_start, seg_end = inv or _invert_selection(idx, n_blocks, _SLC_SEGMENT)
     rows, warps, stages = _slc_launch("dkdv", G, D)

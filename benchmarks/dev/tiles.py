@@ -5,15 +5,10 @@ Each setting is checked against the current settings' outputs on the same inputs
 (median), at 64k with G = 16 and 4 and at 8k with G = 16, where the kernel runs at that G. A
 backward kernel is timed as its branch's whole backward with the other kernels at their current
 settings, so its rows differ only by the swept kernel. Run from the repository root on a GPU;
---part i/n sweeps every n-th setting (one process per GPU); --kernels picks and orders them.
---smooth W makes each query the mean of W consecutive random vectors (times sqrt(W)), so that
-neighbouring positions select mostly the same blocks, as in trained models (75-81% at stride 1,
-BENCHMARKS.md) where random inputs share ~25%; each row records the share it measured.
+--part i/n sweeps every n-th setting (one process per GPU); --kernels picks and orders them:
 
     CUDA_VISIBLE_DEVICES=0 python benchmarks/dev/tiles.py --part 0/2 --out tiles0.jsonl \\
         --kernels selected.fwd,selected.dq,selected.dkdv,compressed.dkdv
-    python benchmarks/dev/tiles.py --kernels selected.fwd,selected.dq --cases 65536:16 \\
-        --smooth 32 --per_position 1,2,4/2,4/2,3 --out positions.jsonl
 """
 import argparse
 import copy
@@ -27,11 +22,12 @@ import triton
 
 sys.path.insert(0, os.getcwd())
 import nsa_kernels as nk  # noqa: E402 (the repository root, above)
-from bench import neighbour_share  # noqa: E402
 
 DENSE = ("compressed", "window")
 ROW_TILES = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))  # dense
+PER_POSITION = list(itertools.product((1, 2, 4, 8), (1, 2, 3, 4)))           # warps, stages
 BLOCKS = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))               # + rows
+SETTINGS = {"fwd": PER_POSITION, "dq": PER_POSITION, "blocks_fwd": BLOCKS, "dkdv": BLOCKS}
 ALL = [f"{b}.{k}" for b in DENSE for k in ("fwd", "dq", "dkdv")] + \
     [f"selected.{k}" for k in ("fwd", "dq", "blocks_fwd", "dkdv")]
 
@@ -40,12 +36,7 @@ p.add_argument("--part", default="0/1")
 p.add_argument("--out", required=True)
 p.add_argument("--kernels", default=",".join(ALL), help=f"comma-separated, of {ALL}")
 p.add_argument("--cases", default="65536:16,65536:4,8192:16", help="T:G,...")
-p.add_argument("--smooth", type=int, default=1, help="queries averaged over W positions")
-p.add_argument("--per_position", default="1,2,4/1,2,4,8/1,2,3,4",
-               help="the per-position settings swept: positions/warps/stages, each a list")
 args = p.parse_args()
-PER_POSITION = list(itertools.product(*(map(int, x.split(",")) for x in args.per_position.split("/"))))
-SETTINGS = {"fwd": PER_POSITION, "dq": PER_POSITION, "blocks_fwd": BLOCKS, "dkdv": BLOCKS}
 part, parts = map(int, args.part.split("/"))
 kernels = args.kernels.split(",")
 if not set(kernels) <= set(ALL):
@@ -82,11 +73,6 @@ def inputs(T, G):
         return torch.randn(*shape, device=DEV, dtype=torch.bfloat16, generator=gen)
 
     q, do = randn(1, T, G * H, D), randn(1, T, G * H, D)
-    if args.smooth > 1:   # q_t = sqrt(W) * mean of W consecutive random vectors
-        W = args.smooth
-        c = torch.cat([torch.zeros_like(q[:, :1]), randn(1, T + W - 1, G * H, D)], 1)
-        c = c.float().cumsum(1)
-        q = ((c[:, W:] - c[:, :-W]) / W ** 0.5).to(torch.bfloat16)
     k, v = randn(1, T, H, D), randn(1, T, H, D)
     k_cmp, v_cmp = randn(1, Tc, H, D), randn(1, Tc, H, D)
     _, lse = nk._dense_fwd(q, k_cmp, v_cmp, *GEOMETRY["compressed"], scale)
@@ -158,8 +144,7 @@ with open(args.out, "w") as f:
             if (branch, T, G) not in refs:
                 refs[branch, T, G] = branch_fns(data[T, G], branch)[0]
             set_setting(kernel, setting)
-            row = dict(kernel=kernel, setting=setting, T=T, G=G, smooth=args.smooth,
-                       share=round(neighbour_share(data[T, G]["idx"]), 3))
+            row = dict(kernel=kernel, setting=setting, T=T, G=G)
             try:
                 out, fwd, bwd = branch_fns(data[T, G], branch)
                 ref = refs[branch, T, G]
