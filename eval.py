@@ -44,6 +44,10 @@ passkey: documents of L tokens, the answer included, built by common.passkey_sam
     sum of the three gates (eval.py's question_attention): a needle that is selected but not
     attended to shows up there. Attention on the key and recall are also given where the last
     answer token is predicted: a model that starts the copy must still find the key there.
+    NSA's selected branch alone: at the question, the head whose selected-branch softmax puts
+    the most on the key (ungated), that share, and the head's gate on the branch over the sum
+    of the three gates (mean over a cell's documents): does the branch find the key in its
+    blocks, and is it gated off?
 Output: markdown tables on stdout; --json writes every number with the run provenance;
 --plot a figure (needs matplotlib).
 """
@@ -327,15 +331,16 @@ def activations(model, attention_inputs):
 
 @torch.no_grad()
 def score_passkey(model, docs, batch_size, device, autocast):
-    """docs: rows of make_passkey_docs, all of one length. Returns (correct: bool [N],
-    first: the greedy first answer token [N], and question_attention's on_key [N, n_layer, HQ]
-    (attention on the key), hits and ranks [N, n_layer, H] (NSA's selection; None, None for
-    full attention) at the question, then on_key and hits where the last answer token is
+    """docs: rows of make_passkey_docs, all of one length. Returns a dict: correct (bool [N]),
+    first (the greedy first answer token [N]), question_attention's values at the question
+    (on_key, slc_on_key, slc_gate [N, n_layer, HQ]; hits, ranks [N, n_layer, H]; all but on_key
+    are None for full attention), and on_key_last, hits_last where the last answer token is
     predicted (the document's last position but one): is the key still found once the copy
-    has begun?)."""
+    has begun?"""
     cfg = model.config
     nsa = cfg.attention == "nsa"
-    correct, first, on_key, hits, ranks, on_key_last, hits_last = ([] for _ in range(7))
+    out = {k: [] for k in ("correct", "first", "on_key", "hits", "ranks", "slc_on_key",
+                           "slc_gate", "on_key_last", "hits_last")}
     for i in range(0, len(docs), batch_size):
         chunk = docs[i:i + batch_size]
         idx = torch.tensor([d[2] for d in chunk], device=device)                  # [b, L]
@@ -349,23 +354,16 @@ def score_passkey(model, docs, batch_size, device, autocast):
         with activations(model, True) as acts, autocast:
             model(idx)
             pred = model.lm_head(acts["final"][rows, pos]).argmax(-1)            # [b, K]
-            on, hit, rank = question_attention(model, acts["attn"], chunk, answer_start - 1)
-            on_last, hit_last, _ = question_attention(model, acts["attn"], chunk,
-                                                      torch.full_like(answer_start, L - 2))
-            on_key.append(on)
-            on_key_last.append(on_last)
-            if nsa:
-                hits.append(hit)
-                ranks.append(rank)
-                hits_last.append(hit_last)
-        correct.append(((pred == idx[rows, pos + 1]) | ~valid).all(-1).cpu())
-        first.append(pred[:, 0].cpu())
-    correct, first, on_key, on_key_last = (torch.cat(x) for x in (correct, first, on_key,
-                                                                   on_key_last))
-    if not nsa:
-        return correct, first, on_key, None, None, on_key_last, None
-    return (correct, first, on_key, torch.cat(hits), torch.cat(ranks), on_key_last,
-            torch.cat(hits_last))
+            at = question_attention(model, acts["attn"], chunk, answer_start - 1)
+            last = question_attention(model, acts["attn"], chunk,
+                                      torch.full_like(answer_start, L - 2))
+        for k, v in at.items():
+            out[k].append(v)
+        out["on_key_last"].append(last["on_key"])
+        out["hits_last"].append(last["hits"])
+        out["correct"].append(((pred == idx[rows, pos + 1]) | ~valid).all(-1).cpu())
+        out["first"].append(pred[:, 0].cpu())
+    return {k: torch.cat(v) if v and v[0] is not None else None for k, v in out.items()}
 
 
 def first_token_right(first, docs):
@@ -375,8 +373,9 @@ def first_token_right(first, docs):
 
 def question_attention(model, inputs, chunk, question_end):
     """What each layer does at question_end (the question's last token, the query that predicts
-    the answer), from its input x (inputs: {layer: x}). Returns (on_key [b, n_layer, HQ], hits
-    bool [b, n_layer, H], ranks int [b, n_layer, H]); hits and ranks are None for full attention.
+    the answer), from its input x (inputs: {layer: x}). Returns a dict of on_key, slc_on_key,
+    slc_gate [b, n_layer, HQ], hits (bool) and ranks (int) [b, n_layer, H]; all but on_key are
+    None for full attention.
     - on_key: the share of each query head's attention that falls on the row's key tokens (both
       copies). Full attention: its softmax. NSA: the selected and the window branch's softmax,
       each times its gate, over the sum of the three gates: (g_slc p_slc + g_win p_win) /
@@ -385,13 +384,16 @@ def question_attention(model, inputs, chunk, question_end):
       full attention's 0-1 scale. This is what a head can copy the key from: it tells a model
       that selects the needle and ignores it from one that attends to it and still answers
       wrong.
+    - slc_on_key: the selected branch's own softmax share on the key tokens (ungated); slc_gate:
+      g_slc / (g_cmp + g_slc + g_win). A branch that finds the key but is gated off has a high
+      slc_on_key and a low slc_gate.
     - hits: does KV head h select a block holding one of the row's key tokens; ranks: the best
       such block's rank in the selection's order (forced blocks first, then by score; 1 = first).
       The selection is Attention.selection's (the PyTorch reference)."""
     cfg = model.config
     nsa = cfg.attention == "nsa"
     b, G = len(chunk), cfg.n_head // cfg.n_kv_head
-    on_key = torch.zeros(b, cfg.n_layer, cfg.n_head)
+    on_key, slc_on_key, slc_gate = (torch.zeros(b, cfg.n_layer, cfg.n_head) for _ in range(3))
     hits = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.bool)
     ranks = torch.zeros(b, cfg.n_layer, cfg.n_kv_head, dtype=torch.long)
     for t in question_end.unique().tolist():
@@ -424,13 +426,18 @@ def question_attention(model, inputs, chunk, question_end):
             in_window = (j > t - cfg.window)[None, None, :]
             k_win = k if kv_win is None else kv_win[0]
             g_cmp, g_slc, g_win = (g[:, t].float().cpu() for g in gates)         # [r, HQ]
-            on_key[rows, layer] = ((g_slc * share(k, in_selected) + g_win * share(k_win, in_window))
-                                   / (g_cmp + g_slc + g_win))
+            gate_sum = g_cmp + g_slc + g_win
+            p_slc = share(k, in_selected)
+            on_key[rows, layer] = (g_slc * p_slc + g_win * share(k_win, in_window)) / gate_sum
+            slc_on_key[rows, layer] = p_slc
+            slc_gate[rows, layer] = g_slc / gate_sum
             order = nk.selection_order(score.float().cpu(), torch.tensor(t), ls)  # [r, H, NB]
             best = order.masked_fill(~key_blocks[:, None, :], float("-inf")).amax(-1)
             hits[rows, layer] = (selected.cpu() & key_blocks[:, None, :]).any(-1)
             ranks[rows, layer] = 1 + (order > best[..., None]).sum(-1)
-    return (on_key, hits, ranks) if nsa else (on_key, None, None)
+    if not nsa:
+        return dict(on_key=on_key, hits=None, ranks=None, slc_on_key=None, slc_gate=None)
+    return dict(on_key=on_key, hits=hits, ranks=ranks, slc_on_key=slc_on_key, slc_gate=slc_gate)
 
 
 def decode(enc, ids):
@@ -450,6 +457,11 @@ def passkey_tables(result, lengths, depths, block_size):
                               "gate, over the sum of the gates)", 100),
             ("key_attention_last", "attention on the key's tokens where the last answer token "
                                    "is predicted, % (best layer and head)", 100),
+            ("selected_key_attention", "NSA's selected branch alone at the question: attention "
+                                       "on the key's tokens, ungated, % (best layer and head)",
+             100),
+            ("selected_gate", "that head's gate on the selected branch, % of the three gates' sum",
+             100),
             ("recall", "NSA selection recall, %", 100),
             ("recall_last", "NSA selection recall where the last answer token is predicted, %",
              100),
@@ -530,11 +542,12 @@ def cmd_passkey(args):
         model = build_model(info, ckpt, dev, max(lengths))
         nsa = info["attention"] == "nsa"
         acc, first_acc, key_att, key_att_layer, recall, recall_layer, rank, rank_layer, \
-            examples, split, key_att_last, recall_last = ([] for _ in range(12))
+            examples, split, key_att_last, recall_last, slc_att, slc_gate = ([] for _ in range(14))
         for length in lengths:
             rows = docs[length]
-            correct, first, on_key, hits, ranks, on_key_last, hits_last = score_passkey(
-                model, rows, args.batch_size, dev, autocast)
+            sc = score_passkey(model, rows, args.batch_size, dev, autocast)
+            correct, first, on_key, hits, ranks = (sc[k] for k in ("correct", "first", "on_key",
+                                                                   "hits", "ranks"))
             by_depth = [[i for i, r in enumerate(rows) if r[0] == d] for d in range(len(depths))]
             acc.append([float(correct[ix].float().mean()) for ix in by_depth])
             first_ok = first_token_right(first, rows)
@@ -542,10 +555,15 @@ def cmd_passkey(args):
             best_head = on_key.amax(2)                                            # [N, n_layer]
             key_att.append([float(best_head[ix].amax(1).mean()) for ix in by_depth])
             key_att_layer.append([round(v, 4) for v in best_head.mean(0).tolist()])
-            best_last = on_key_last.flatten(1).amax(1)                            # [N]
+            best_last = sc["on_key_last"].flatten(1).amax(1)                      # [N]
             key_att_last.append([float(best_last[ix].mean()) for ix in by_depth])
             if nsa:
-                recall_last.append([float(hits_last[ix].float().mean()) for ix in by_depth])
+                recall_last.append([float(sc["hits_last"][ix].float().mean()) for ix in by_depth])
+                # the selected branch alone: the head that puts the most on the key, and its gate
+                slc_best, head = sc["slc_on_key"].flatten(1).max(1)                # [N]
+                gate = sc["slc_gate"].flatten(1).gather(1, head[:, None])[:, 0]
+                slc_att.append([float(slc_best[ix].mean()) for ix in by_depth])
+                slc_gate.append([float(gate[ix].mean()) for ix in by_depth])
                 recall.append([float(hits[ix].float().mean()) for ix in by_depth])
                 recall_layer.append([round(v, 4) for v in hits.float().mean(dim=(0, 2)).tolist()])
                 best = ranks.flatten(1).amin(1)                                   # [N]
@@ -569,6 +587,8 @@ def cmd_passkey(args):
                         "key_attention_last": key_att_last,
                         "recall": recall if nsa else None,
                         "recall_last": recall_last if nsa else None,
+                        "selected_key_attention": slc_att if nsa else None,
+                        "selected_gate": slc_gate if nsa else None,
                         "recall_by_layer": recall_layer if nsa else None,
                         "needle_rank": rank if nsa else None,
                         "needle_rank_by_layer": rank_layer if nsa else None,

@@ -160,6 +160,12 @@ def passkey_docs(codec, lengths=(64, 200), depths=(0, 50, 100), samples=3, seed=
                                 torch.Generator().manual_seed(seed))
 
 
+def score(model, rows, batch_size, *keys):
+    """score_passkey's values named by keys, on the CPU."""
+    sc = ev.score_passkey(model, rows, batch_size, "cpu", nullcontext())
+    return [sc[k] for k in keys]
+
+
 def test_scorer_finds_the_key_a_copying_model_retrieves():
     codec = WordCodec()
     docs = passkey_docs(codec)
@@ -170,16 +176,14 @@ def test_scorer_finds_the_key_a_copying_model_retrieves():
 
     for length, rows in docs.items():
         assert all(len(r[2]) == length for r in rows)
-        correct, first, *_ = ev.score_passkey(StubModel(induction), rows, 4, "cpu", nullcontext())
+        correct, first = score(StubModel(induction), rows, 4, "correct", "first")
         assert correct.all() and len(correct) == len(rows)
         assert first.tolist() == [r[2][r[4]] for r in rows]
-        correct, first, *_ = ev.score_passkey(StubModel(first_token_only), rows, 5, "cpu",
-                                             nullcontext())
+        correct, first = score(StubModel(first_token_only), rows, 5, "correct", "first")
         assert not correct.any()                          # two answer tokens: both must match
         assert first.tolist() == [r[2][r[4]] for r in rows]
         assert ev.first_token_right(first, rows).all()
-        correct, first, *_ = ev.score_passkey(StubModel(lambda seq, t: 0), rows, 2, "cpu",
-                                             nullcontext())
+        correct, first = score(StubModel(lambda seq, t: 0), rows, 2, "correct", "first")
         assert not correct.any() and not ev.first_token_right(first, rows).any()
 
 
@@ -204,12 +208,12 @@ def test_exact_match_is_greedy_decoding(attention):
         logits, _ = model(greedy)
         greedy = torch.cat([greedy, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     rows = [(0, b, greedy[b].tolist(), [], 45) for b in range(3)]
-    correct, first, *_ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    correct, first = score(model, rows, 2, "correct", "first")
     assert correct.all() and first.tolist() == greedy[:, 45].tolist()
     wrong_last = greedy.clone()
     wrong_last[:, -1] = (wrong_last[:, -1] + 1) % 900
     rows = [(0, b, wrong_last[b].tolist(), [], 45) for b in range(3)]
-    correct, *_ = ev.score_passkey(model, rows, 3, "cpu", nullcontext())
+    correct, = score(model, rows, 3, "correct")
     assert not correct.any()
 
 
@@ -232,7 +236,7 @@ def test_selection_recall_forced(n_select, depth, expected):
         if n_select == 3:
             assert (key_blocks <= forced) == (expected == 1.0)
             assert (not key_blocks & forced) == (expected == 0.0)
-    _, _, _, hits, ranks, *_ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    hits, ranks = score(model, rows, 2, "hits", "ranks")
     assert hits.shape == ranks.shape == (2, TINY["n_layer"], TINY["n_kv_head"])
     assert hits.float().mean().item() == expected
     if depth in (0, 100):  # a forced block: among the first three of the selection's order
@@ -251,23 +255,31 @@ def test_key_attention(attention, kw):
     codec = WordCodec()
     model = tiny_gpt(attention, seed=5, **kw)
     rows = passkey_docs(codec, lengths=(128,), depths=(50,), samples=3, seed=6)[128]
-    _, _, on_key, _, _, on_key_last, _ = ev.score_passkey(model, rows, 2, "cpu", nullcontext())
+    on_key, on_key_last, slc_on_key, slc_gate = score(model, rows, 2, "on_key", "on_key_last",
+                                                      "slc_on_key", "slc_gate")
     assert on_key.shape == on_key_last.shape == (3, TINY["n_layer"], TINY["n_head"])
     idx = torch.tensor([r[2] for r in rows])
     question_end = torch.tensor([r[4] - 1 for r in rows])
     with ev.activations(model, True) as acts:
         model(idx)
-    assert torch.equal(on_key, ev.question_attention(model, acts["attn"], rows, question_end)[0])
+    at = ev.question_attention(model, acts["attn"], rows, question_end)
+    assert torch.equal(on_key, at["on_key"])
     # where the last answer token is predicted: the document's last position but one
     assert all(len(r[2]) == 128 for r in rows) and (question_end < 126).all()
-    last = torch.full_like(question_end, 126)
-    assert torch.equal(on_key_last, ev.question_attention(model, acts["attn"], rows, last)[0])
+    last = ev.question_attention(model, acts["attn"], rows, torch.full_like(question_end, 126))
+    assert torch.equal(on_key_last, last["on_key"])
     everything = [(*r[:3], list(range(r[4])), r[4]) for r in rows]
-    whole = ev.question_attention(model, acts["attn"], everything, question_end)[0]
+    whole_at = ev.question_attention(model, acts["attn"], everything, question_end)
+    whole = whole_at["on_key"]
     if attention == "full":
         assert torch.allclose(whole, torch.ones_like(whole), atol=1e-5)
         assert (on_key > 0).all() and (on_key < 1).all()
+        assert slc_on_key is None and slc_gate is None and whole_at["slc_gate"] is None
         return
+    assert torch.equal(slc_on_key, at["slc_on_key"]) and torch.equal(slc_gate, at["slc_gate"])
+    # every token a key token: the selected branch's softmax sums to 1 over its blocks
+    torch.testing.assert_close(whole_at["slc_on_key"], torch.ones_like(whole))
+    torch.testing.assert_close(whole_at["slc_gate"], slc_gate)
     for layer in range(TINY["n_layer"]):
         x = acts["attn"][layer]
         for i, r in enumerate(rows):
@@ -276,12 +288,14 @@ def test_key_attention(attention, kw):
                                                                   torch.arange(t + 1))
             g_cmp, g_slc, g_win = (g[0, t].float() for g in gates)
             torch.testing.assert_close(whole[i, layer], (g_slc + g_win) / (g_cmp + g_slc + g_win))
+            torch.testing.assert_close(slc_gate[i, layer], g_slc / (g_cmp + g_slc + g_win))
             # the layout the zero below assumes: key tokens before the window, not in block 0
             # or the two local blocks (the only ones n = 3 selects)
             assert max(r[3]) <= t - TINY["window"]
             ls = TINY["select_block"]
             assert not {p // ls for p in r[3]} & {0, t // ls, t // ls - 1}
-    assert (on_key == 0).all()
+    assert (on_key == 0).all() and (slc_on_key == 0).all()
+    assert ((slc_gate > 0) & (slc_gate < 1)).all()
 
 
 def test_selection_hits_read_the_key_block():
@@ -290,7 +304,7 @@ def test_selection_hits_read_the_key_block():
     codec = WordCodec()
     model = tiny_gpt("nsa", n_select=5, seed=3)
     rows = passkey_docs(codec, lengths=(128,), depths=(30, 60), samples=2, seed=4)[128]
-    _, _, _, hits, ranks, *_ = ev.score_passkey(model, rows, 4, "cpu", nullcontext())
+    hits, ranks = score(model, rows, 4, "hits", "ranks")
     assert torch.equal(hits, ranks <= 5)
     assert hits.any() and not hits.all()  # both cases occur
     idx = torch.tensor([r[2] for r in rows])
