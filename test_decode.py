@@ -210,13 +210,17 @@ def test_decode_selection_matches_reference_scores(lengths, Tmax, HQ, H, D, cfg,
 
 @needs_kernels
 def test_decode_selection_ties_prefer_larger_blocks():
-    """Equal compressed keys make the interior blocks' scores exactly equal: like training's
-    top-n, the kernels then keep the larger block indices."""
+    """Zero compressed keys make the interior blocks' scores exactly equal: like training's
+    top-n, the kernels then keep the larger block indices. Exactly: every q.k_cmp is 0, and with
+    128 and 32 compressed blocks each probability is a power of two, so the overlap-weighted
+    sums are exact in any order. (One random key repeated was not enough: the interpreter's
+    matmul rounded q.k_cmp differently across columns on one CPU, an AMD EPYC.)"""
     torch.manual_seed(5)
     cfg = dict(SMALL, n_select=6)
-    lengths = [1000, 333]
-    q, k, _, k_cmp = decode_inputs(lengths, 1000, 4, 2, 16, cfg, device=KERNEL_DEVICE)[:4]
-    k_cmp.copy_(k_cmp[:, :1].expand_as(k_cmp))         # one key per head, repeated
+    lengths = [1035, 270]                               # 128 and 32 compressed blocks
+    q, k, _, k_cmp = decode_inputs(lengths, 1040, 4, 2, 16, cfg, device=KERNEL_DEVICE)[:4]
+    assert [nk.num_compressed_blocks(T, 16, 8) for T in lengths] == [128, 32]
+    k_cmp.zero_()
     lens = torch.tensor(lengths, dtype=torch.int32, device=KERNEL_DEVICE)
     sel_cfg = {key: cfg[key] for key in ("block_len", "block_stride", "select_block", "n_select")}
     idx = nk.nsa_decode_select(q, k, k_cmp, lens, **sel_cfg).cpu()
