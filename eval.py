@@ -337,8 +337,6 @@ def score_passkey(model, docs, batch_size, device, autocast):
     are None for full attention), and on_key_last, hits_last where the last answer token is
     predicted (the document's last position but one): is the key still found once the copy
     has begun?"""
-    cfg = model.config
-    nsa = cfg.attention == "nsa"
     out = {k: [] for k in ("correct", "first", "on_key", "hits", "ranks", "slc_on_key",
                            "slc_gate", "on_key_last", "hits_last")}
     for i in range(0, len(docs), batch_size):
