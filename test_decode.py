@@ -321,7 +321,7 @@ def test_cached_decoding_equals_the_full_forward(attention, kw, static):
     interpreter; static: the CUDA-graph code path run eagerly)."""
     model = tiny_model(attention, **kw)
     idx = torch.randint(0, 67, (2, 80))
-    lengths, steps = [13, 37], 28
+    lengths, steps = [13, 37], 20
     full, _ = model(idx, idx)
     got, _ = decode_logits(model, idx, lengths, steps, static)
     for b, n in enumerate(lengths):
