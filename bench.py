@@ -501,7 +501,8 @@ def selected_loads(B, T, HQ, H, D, hp):
     for random inputs: the time of _selected_loads_kernel (launched the same way: one program
     per position and KV head), the GB it reads, and
     the share of a position's selected blocks that the previous position also selected (a
-    kernel that stacks neighbouring positions could load those once)."""
+    kernel that stacks neighbouring positions loads those once: tried and dropped, BENCHMARKS'
+    seventh session)."""
     xs, _ = nsa_inputs(B, T, HQ, H, D, hp, grad=False)
     k, v, idx = xs[1], xs[2], selection(xs, hp)[3]
     out = torch.empty(B, T, H, device="cuda")

@@ -6,6 +6,8 @@ checkpoint makes on validation text: per layer, the share of position t's select
 position t - s also selected, for strides s = 1, 2, 4, 8 (a kernel over s + 1 positions loads
 each shared block once), over --windows windows of block_size tokens; and the same share among
 the blocks chosen by score (not block 0 or the two local blocks, which every position takes).
+Such a kernel was built and timed (BENCHMARKS.md, seventh session): at a trained model's share
+(~78%) its forward was 11% faster, on random inputs 41-59% slower, so it was dropped.
 
     python benchmarks/dev/neighbour_share.py --out_dir=out-passkey-nsa-1337 --json share.json
     TRITON_INTERPRET=1 python benchmarks/dev/neighbour_share.py --out_dir=out --device=cpu
